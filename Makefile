@@ -1,0 +1,40 @@
+# Quick start: `make demo` and `make test` each create .venv and install the pinned stack.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXTRAS ?= dev
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test test-slow lint bench install clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	echo "$(EXTRAS)" > $(STAMP)
+
+install: $(STAMP)
+
+# The default experiment: domain-incremental shapes, naive fine-tuning against joint training.
+demo: $(STAMP)
+	$(BIN)/python -m clseg_jax.main --config=configs/shapes_di.py:compare --workdir=runs/demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -ra --durations=15
+
+# Full-size runs (minutes each); not part of `make test`.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python experiments/bench_step.py --out experiments/results/bench_step.json
+
+clean:
+	rm -rf $(VENV) runs

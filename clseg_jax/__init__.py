@@ -1,0 +1,1 @@
+"""clseg_jax: continual learning for image segmentation and classification in JAX/Flax NNX."""

@@ -1,0 +1,29 @@
+"""Datasets: name -> stream builder, each taking the ``config.data`` ConfigDict.
+
+Builders do all their work when called (the digits builders parse MNIST only then), so importing
+this package is cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ml_collections
+
+from clseg_jax.data import base, digits, npz, shapes
+
+DATASETS: dict[str, Callable[[ml_collections.ConfigDict], base.Stream]] = {
+    "shapes_di": shapes.make_domain,
+    "shapes_ci": shapes.make_class,
+    "digits_ci": digits.make_class,
+    "digits_di": digits.make_domain,
+    "npz": npz.make,
+}
+
+
+def make(cfg: ml_collections.ConfigDict) -> base.Stream:
+    """Builds the stream named ``cfg.name``."""
+    name = cfg.get("name", None)
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid: {sorted(DATASETS)}")
+    return DATASETS[name](cfg)

@@ -1,0 +1,136 @@
+"""Stream vocabulary (Avalanche's words): a Stream is a sequence of Experiences.
+
+An experience carries random-access train/test sources (grain ``RandomAccessDataSource``s) whose
+elements are ``{"image": uint8 [H,W,3], "label": uint8 [H,W]}`` with *full* labels: class ids
+``0..num_classes-1`` (0 = background) and 255 = ignore. What a training step or an evaluation may
+see is decided later by a visibility mask over classes (``visible_labels``), so one source serves
+class-incremental training (unseen classes -> background), cumulative and joint training alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+IGNORE = 255
+
+
+class ArraySource:
+    """In-memory random-access source over ``images [N,H,W,3] uint8`` and ``labels [N,H,W]``.
+
+    ``__repr__`` is stable (no memory address) so grain iterator state restores across processes.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(
+                f"{name}: images must be uint8 [N,H,W,3], got {images.dtype} {list(images.shape)}"
+            )
+        if labels.shape != images.shape[:3]:
+            raise ValueError(
+                f"{name}: labels must be [N,H,W] = {list(images.shape[:3])}, "
+                f"got {list(labels.shape)}"
+            )
+        self.images = images
+        self.labels = labels.astype(np.uint8, copy=False)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {"image": self.images[i], "label": self.labels[i]}
+
+    def __repr__(self) -> str:
+        return f"ArraySource({self.name!r}, n={len(self)}, shape={tuple(self.images.shape[1:3])})"
+
+
+class ConcatSource:
+    """Several sources read as one (cumulative and joint training)."""
+
+    def __init__(self, sources: Sequence[ArraySource]):
+        self.sources = tuple(sources)
+        self._offsets = np.cumsum([0] + [len(s) for s in self.sources])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        k = int(np.searchsorted(self._offsets, i, side="right")) - 1
+        return self.sources[k][i - int(self._offsets[k])]
+
+    def __repr__(self) -> str:
+        return f"ConcatSource({', '.join(repr(s) for s in self.sources)})"
+
+
+class Experience(NamedTuple):
+    """One step of a stream.
+
+    Attributes:
+        index: position in the stream.
+        name: human-readable name (domain name, or the classes it introduces).
+        classes: class ids whose pixels are labelled in this experience's *training* data
+            (background 0 included). For a domain-incremental stream: all classes.
+        train: training source with full labels.
+        test: test source with full labels.
+    """
+
+    index: int
+    name: str
+    classes: tuple[int, ...]
+    train: ArraySource
+    test: ArraySource
+
+
+class Stream(NamedTuple):
+    """A scenario's sequence of experiences.
+
+    Attributes:
+        name: dataset name.
+        kind: "domain" (same classes, new looks) or "class" (classes arrive over steps).
+        num_classes: size of the label set, background included (the model head's size).
+        class_names: one name per class id.
+        experiences: the experiences in order.
+    """
+
+    name: str
+    kind: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    experiences: tuple[Experience, ...]
+
+    def seen_classes(self, upto: int) -> tuple[int, ...]:
+        """Classes labelled in experiences ``0..upto`` (inclusive)."""
+        seen = set()
+        for e in self.experiences[: upto + 1]:
+            seen.update(e.classes)
+        return tuple(sorted(seen))
+
+    def class_mask(self, classes: Sequence[int]) -> np.ndarray:
+        """``bool [num_classes]``, True for the given classes."""
+        mask = np.zeros(self.num_classes, bool)
+        mask[list(classes)] = True
+        return mask
+
+
+def visible_labels(label: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """Relabels pixels of classes not in ``visible`` (``bool [K]``) as background; keeps 255.
+
+    This is the class-incremental background shift: in training, classes outside the current step
+    are background; at test, classes not yet seen are background.
+    """
+    keep = np.append(visible, True)  # index K stands for "ignore"
+    idx = np.where(label == IGNORE, len(visible), label)
+    return np.where(keep[idx], label, 0).astype(label.dtype)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """Raises a one-line ValueError if a label is outside ``0..num_classes-1`` and not 255."""
+    bad = (labels != IGNORE) & (labels >= num_classes)
+    if bad.any():
+        found = sorted(set(np.unique(labels[bad]).tolist()))[:5]
+        raise ValueError(
+            f"{where}: labels {found} outside the class set 0..{num_classes - 1} (255 = ignore)"
+        )

@@ -1,0 +1,176 @@
+"""User-provided streams: a folder of ``exp0.npz, exp1.npz, ...``, one file per experience.
+
+Each file holds ``x_train`` uint8 ``[N,H,W,3]``, ``y_train`` integer ``[N,H,W]``, ``x_test`` and
+``y_test`` likewise; labels are full labels (0 = background, 255 = ignore). Files are ordered by
+their number (``exp10`` comes after ``exp9``) and must be numbered 0..n-1 without gaps. All images
+must share one size. Every problem is reported as a one-line ``ValueError`` naming the file and
+array.
+
+Config fields: ``path`` (folder), ``num_classes`` (<= 0: inferred as the largest non-ignore label
++ 1), ``kind`` ("domain", default: every experience labels all classes; "class": an experience
+labels the classes present in its ``y_train``, plus background), optional ``class_names``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from clseg_jax.data import base
+
+ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+_FILE = re.compile(r"exp(0|[1-9][0-9]*)\.npz")
+
+
+def _numbered_files(folder: Path) -> list[Path]:
+    """``exp<k>.npz`` files sorted by k; checks the folder exists and numbering has no gaps."""
+    if not folder.is_dir():
+        raise ValueError(f"npz: folder {str(folder)!r} does not exist (config.path)")
+    found = {}
+    for entry in folder.iterdir():
+        match = _FILE.fullmatch(entry.name)
+        if match and entry.is_file():
+            found[int(match.group(1))] = entry
+    if not found:
+        raise ValueError(
+            f"npz: folder {str(folder)!r} holds no experience files; "
+            f"expected exp0.npz, exp1.npz, ... (one per experience)"
+        )
+    missing = sorted(set(range(max(found) + 1)) - set(found))
+    if missing:
+        have = ", ".join(f"exp{k}.npz" for k in sorted(found))
+        raise ValueError(
+            f"npz: folder {str(folder)!r} is missing exp{missing[0]}.npz "
+            f"(files must be numbered 0..n-1 without gaps; found {have})"
+        )
+    return [found[k] for k in sorted(found)]
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _load(file: Path) -> dict[str, np.ndarray]:
+    """Reads and validates the four arrays of one file (closing it before returning)."""
+    try:
+        z = np.load(file, allow_pickle=False)
+    except (OSError, EOFError, ValueError) as err:  # not a zip, truncated, pickled data
+        raise ValueError(f"npz: {file}: cannot be read as .npz ({_one_line(err)})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy renamed to .npz
+        raise ValueError(f"npz: {file}: is a single .npy array, expected an .npz archive")
+    with z:
+        keys = set(z.files)
+        missing = [a for a in ARRAYS if a not in keys]
+        if missing:
+            raise ValueError(
+                f"npz: {file}: missing array {missing[0]!r} (has {sorted(keys)}; "
+                f"needs {list(ARRAYS)})"
+            )
+        arrays = {}
+        for a in ARRAYS:
+            try:
+                arrays[a] = np.asarray(z[a])  # materialised: the file is closed on return
+            except (OSError, EOFError, ValueError) as err:  # object arrays, corrupt members
+                raise ValueError(f"npz: {file}: {a} cannot be loaded ({_one_line(err)})") from None
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(
+                f"npz: {file}: x_{split} must be uint8 [N,H,W,3], got shape {list(x.shape)}"
+            )
+        if x.dtype != np.uint8:
+            raise ValueError(f"npz: {file}: x_{split} must be uint8 [N,H,W,3], got {x.dtype}")
+        if y.shape != x.shape[:3]:
+            raise ValueError(
+                f"npz: {file}: y_{split} must be [N,H,W] = {list(x.shape[:3])} "
+                f"matching x_{split}, got shape {list(y.shape)}"
+            )
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"npz: {file}: y_{split} must have an integer dtype, got {y.dtype}")
+        if y.size and y.min() < 0:
+            raise ValueError(
+                f"npz: {file}: y_{split} has negative labels (min {int(y.min())}); "
+                f"use 0..num_classes-1 and 255 = ignore"
+            )
+    return arrays
+
+
+def make(cfg: ml_collections.ConfigDict) -> base.Stream:
+    """Builds the stream from ``cfg.path``; see the module docstring for the format."""
+    kind = cfg.get("kind", "domain")
+    if kind not in ("domain", "class"):
+        raise ValueError(f"npz: config.kind must be 'domain' or 'class', got {kind!r}")
+    path = cfg.get("path", None)
+    if not path:
+        raise ValueError("npz: config.path is empty; set it to a folder of exp<k>.npz files")
+    files = _numbered_files(Path(os.path.expanduser(str(path))))
+    data = [_load(f) for f in files]
+
+    first = data[0]["x_train"].shape[1:3]
+    for f, d in zip(files, data, strict=True):
+        for split in ("train", "test"):
+            if d[f"x_{split}"].shape[1:3] != first:
+                raise ValueError(
+                    f"npz: {f}: x_{split} images are {list(d[f'x_{split}'].shape[1:3])} but "
+                    f"{files[0]} x_train images are {list(first)}; all must share one size"
+                )
+
+    num_classes = int(cfg.get("num_classes", 0) or 0)
+    if num_classes <= 0:
+        largest = 0
+        for d in data:
+            for a in ("y_train", "y_test"):
+                y = d[a]
+                kept = y[y != base.IGNORE]
+                if kept.size:
+                    largest = max(largest, int(kept.max()))
+        num_classes = largest + 1
+    if num_classes > base.IGNORE:
+        raise ValueError(f"npz: num_classes must be <= 255 (255 = ignore), got {num_classes}")
+    for f, d in zip(files, data, strict=True):
+        for a in ("y_train", "y_test"):
+            base.check_labels(d[a], num_classes, f"npz: {f}: {a}")
+
+    names = cfg.get("class_names", None)
+    if names:
+        names = tuple(str(n) for n in names)
+        if len(names) != num_classes:
+            raise ValueError(
+                f"npz: config.class_names has {len(names)} names for {num_classes} classes"
+            )
+    else:
+        names = ("background", *(f"class_{c}" for c in range(1, num_classes)))
+
+    exps = []
+    for k, (f, d) in enumerate(zip(files, data, strict=True)):
+        if kind == "domain":
+            classes = tuple(range(num_classes))
+        else:
+            present = np.unique(d["y_train"])
+            classes = tuple(sorted({0, *present[present != base.IGNORE].tolist()}))
+        name = f.stem
+        train = base.ArraySource(d["x_train"], d["y_train"].astype(np.uint8), f"npz/{name}/train")
+        test = base.ArraySource(d["x_test"], d["y_test"].astype(np.uint8), f"npz/{name}/test")
+        exps.append(base.Experience(k, name, classes, train, test))
+    return base.Stream("npz", kind, num_classes, names, tuple(exps))
+
+
+def write(path: str | os.PathLike, experiences: Sequence[Mapping[str, np.ndarray]]) -> list[Path]:
+    """Writes ``exp<k>.npz`` for each dict of arrays (``x_train``, ``y_train``, ``x_test``,
+    ``y_test``), creating the folder; arrays are written as given (no validation, so tests can
+    write broken files). Existing files with other numbers are left alone. Returns the paths.
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for k, arrays in enumerate(experiences):
+        file = folder / f"exp{k}.npz"
+        np.savez_compressed(file, **{a: np.asarray(v) for a, v in arrays.items()})
+        out.append(file)
+    return out

@@ -1,0 +1,204 @@
+"""Segmentation and continual-learning metrics.
+
+Two layers:
+
+* ``confusion`` runs on device (``jax.numpy``, jit-able) so a compiled eval step can accumulate a
+  ``[K,K]`` confusion matrix per batch without shipping predictions to the host.
+* Everything else runs on the host (``numpy``) over accumulated confusion matrices or over the
+  accuracy matrix ``R`` of a continual-learning run, where ``R[i][j]`` is the mIoU on experience
+  ``j``'s test set after training on experience ``i``.
+
+IoU values are fractions in ``[0, 1]``; NaN marks "undefined" (a class never present in ground truth
+nor predictions) and is skipped by every mean, as ``np.nanmean`` would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+IGNORE = 255
+
+
+def confusion(labels: jnp.ndarray, preds: jnp.ndarray, num_classes: int) -> jnp.ndarray:
+    """Confusion matrix of one batch.
+
+    Args:
+      labels: ``[B,H,W]`` integer ground truth; ``255`` (or any value outside
+        ``[0, num_classes)``) marks pixels to ignore.
+      preds: ``[B,H,W]`` integer predictions; pixels predicted outside ``[0, num_classes)`` are
+        ignored too rather than wrapped into another cell.
+      num_classes: ``K`` (static under ``jit``).
+
+    Returns:
+      ``[K,K]`` int32, rows = ground truth, columns = prediction.
+    """
+    k = int(num_classes)
+    # Cast before multiplying: uint8 labels times K would overflow in uint8.
+    labels = jnp.asarray(labels).astype(jnp.int32).reshape(-1)
+    preds = jnp.asarray(preds).astype(jnp.int32).reshape(-1)
+    valid = (labels >= 0) & (labels < k) & (preds >= 0) & (preds < k)
+    # Invalid pixels still need an in-range index for bincount; their zero weight drops them.
+    index = jnp.where(valid, labels * k + preds, 0)
+    counts = jnp.bincount(index, weights=valid.astype(jnp.int32), length=k * k)
+    return counts.astype(jnp.int32).reshape(k, k)
+
+
+def iou_per_class(conf: Any) -> np.ndarray:
+    """Per-class IoU from a confusion matrix.
+
+    Args:
+      conf: ``[K,K]`` confusion matrix (rows = ground truth, columns = prediction).
+
+    Returns:
+      ``[K]`` float64: ``TP / (TP + FP + FN)``; NaN where the union is empty (the class appears
+      neither in ground truth nor in predictions).
+    """
+    conf = np.asarray(conf, dtype=np.float64)
+    if conf.ndim != 2 or conf.shape[0] != conf.shape[1]:
+        raise ValueError(f"confusion matrix must be square [K,K], got {list(conf.shape)}")
+    tp = np.diag(conf)
+    union = conf.sum(axis=0) + conf.sum(axis=1) - tp
+    iou = np.full(tp.shape, np.nan)
+    np.divide(tp, union, out=iou, where=union > 0)
+    return iou
+
+
+def _nanmean(values: Any) -> float:
+    """``np.nanmean`` without the "mean of empty slice" warning; NaN when nothing is defined."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def miou(conf: Any, classes: Iterable[int] | None = None) -> float:
+    """Mean IoU over ``classes`` (default: all ``K``) whose union is non-empty.
+
+    Background (class 0) is an ordinary class here and is included when listed, as in the VOC
+    protocol.
+
+    Args:
+      conf: ``[K,K]`` confusion matrix.
+      classes: class ids to average over; ``None`` means ``range(K)``.
+
+    Returns:
+      The mean IoU as a Python float, NaN if no listed class has a non-empty union.
+    """
+    iou = iou_per_class(conf)
+    if classes is None:
+        return _nanmean(iou)
+    idx = np.asarray(sorted(set(int(c) for c in classes)), dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= iou.size):
+        raise ValueError(f"class ids must lie in [0, {iou.size}), got {idx.tolist()}")
+    return _nanmean(iou[idx])
+
+
+def _opt(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def cl_summary(R: Any, initial_row: Sequence[float] | None = None) -> dict[str, float | None]:
+    """Continual-learning summary of an accuracy matrix.
+
+    ``R[i][j]`` is the mIoU on experience ``j`` after training on experience ``i``. ``R`` is
+    either square ``[T,T]`` (one row per training experience) or a single row ``[1,T]`` (joint
+    training, evaluated once on every experience). Let ``L = R[T-1]`` be the last row.
+
+    Definitions (each mean skips NaN entries, as ``np.nanmean``; all-NaN gives NaN):
+
+    * ``avg_miou`` = mean_j L[j], the final average mIoU over experiences.
+    * ``forgetting`` = mean_{j<T-1} ( max_{i<T-1} R[i][j] - L[j] ) (Chaudhry et al. 2018).
+    * ``bwt`` = mean_{j<T-1} ( L[j] - R[j][j] ), backward transfer (Lopez-Paz & Ranzato 2017).
+    * ``fwt`` = mean_{j>0} ( R[j-1][j] - initial_row[j] ), forward transfer, where
+      ``initial_row[j]`` is the mIoU on experience ``j`` of the model before any training.
+    * ``avg_diag`` = mean_i R[i][i], accuracy on each experience right after learning it.
+    * ``avg_incremental`` = mean_i ( mean_{j<=i} R[i][j] ), the average incremental accuracy
+      (Rebuffi et al. 2017).
+
+    For a one-row ``R`` (joint) or ``T == 1`` there is no sequence to forget or transfer along, so
+    ``forgetting``, ``bwt`` and ``fwt`` are ``None``; ``fwt`` is also ``None`` without
+    ``initial_row``. ``avg_diag`` and ``avg_incremental`` need one row per experience, so they are
+    ``None`` for a one-row ``R`` with ``T > 1``.
+
+    Args:
+      R: ``[T,T]`` or ``[1,T]`` accuracy matrix (list of lists or array; ``None`` entries count
+        as NaN).
+      initial_row: ``[T]`` mIoU of the untrained model on each experience, or ``None``.
+
+    Returns:
+      Dict with keys ``avg_miou``, ``forgetting``, ``bwt``, ``fwt``, ``avg_diag``,
+      ``avg_incremental`` (floats, NaN, or ``None``).
+    """
+    R = np.array(R, dtype=np.float64)
+    if R.ndim != 2 or R.shape[1] == 0:
+        raise ValueError(f"R must be a non-empty [T,T] or [1,T] matrix, got {list(R.shape)}")
+    rows, t = R.shape
+    if rows != t and rows != 1:
+        raise ValueError(f"R must be [T,T] or [1,T] (joint), got {list(R.shape)}")
+    last = R[-1]
+    out: dict[str, float | None] = {
+        "avg_miou": _nanmean(last),
+        "forgetting": None,
+        "bwt": None,
+        "fwt": None,
+        "avg_diag": None,
+        "avg_incremental": None,
+    }
+    if rows != t:  # joint training: one evaluation, no sequence
+        return out
+
+    out["avg_diag"] = _nanmean(np.diag(R))
+    out["avg_incremental"] = _nanmean([_nanmean(R[i, : i + 1]) for i in range(t)])
+    if t == 1:
+        return out
+
+    before = R[:-1, :-1]  # rows i < T-1, columns j < T-1
+    # An all-NaN column has no defined max; leave it NaN so the outer mean skips it.
+    best = np.full(t - 1, np.nan)
+    for j in range(t - 1):
+        col = before[:, j][~np.isnan(before[:, j])]
+        if col.size:
+            best[j] = col.max()
+    out["forgetting"] = _nanmean(best - last[:-1])
+    out["bwt"] = _nanmean(last[:-1] - np.diag(R)[:-1])
+    if initial_row is not None:
+        init = np.array(initial_row, dtype=np.float64).reshape(-1)
+        if init.size != t:
+            raise ValueError(f"initial_row must have {t} entries, got {init.size}")
+        out["fwt"] = _nanmean([R[j - 1, j] - init[j] for j in range(1, t)])
+    return {k: _opt(v) for k, v in out.items()}
+
+
+def old_new_all(
+    conf: Any,
+    old_classes: Iterable[int],
+    new_classes: Iterable[int],
+    background: int | None = 0,
+) -> dict[str, float]:
+    """mIoU over old, new and all seen classes, as in MiB-style tables.
+
+    Args:
+      conf: ``[K,K]`` confusion matrix.
+      old_classes: classes learned in earlier experiences.
+      new_classes: classes introduced by the current experience.
+      background: class id counted with the *old* classes (added there and removed from the new
+        ones), as MiB tables report ``0-15 | 16-20`` with background in the first group; ``None``
+        to use the given sets unchanged.
+
+    Returns:
+      ``{"old": ..., "new": ..., "all": ...}`` floats (NaN where a group has no defined IoU),
+      ``all`` being the union of both groups.
+    """
+    old = {int(c) for c in old_classes}
+    new = {int(c) for c in new_classes}
+    if background is not None:
+        old.add(int(background))
+        new.discard(int(background))
+    return {
+        "old": miou(conf, old),
+        "new": miou(conf, new),
+        "all": miou(conf, old | new),
+    }

@@ -1,0 +1,131 @@
+"""Conv building blocks in NHWC with PyTorch's default initialisation.
+
+Initialisation follows PyTorch (``kaiming_uniform_(a=sqrt(5))``: uniform in +-1/sqrt(fan_in)) so a
+model starts from the same distribution as its PyTorch baseline (BENCHMARKS.md W1).
+
+Two formulations here are chosen for speed on XLA:CPU and are the same math as the textbook op
+(BENCHMARKS.md measured each; both are harmless on GPU):
+- ``UpConv2x2``: a 2x2 stride-2 transposed conv is a per-pixel matmul to 4*C channels followed by
+  depth-to-space; XLA lowers the transposed conv's weight gradient as a huge dilated conv otherwise.
+- ``Conv3x3(n_inputs=2)``: a conv over ``concat([a, b])`` is the sum of two convs over the kernel's
+  input-channel slices, which avoids materialising the concatenation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def torch_uniform(fan_in: int):
+    """Initializer: uniform in +-1/sqrt(fan_in) (PyTorch's default for conv weights and biases)."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Conv(nnx.Module):
+    """k x k conv, stride 1, 'SAME' padding; kernel ``[k,k,Cin,Cout]`` (HWIO).
+
+    With ``in_splits=(c1, c2)`` the call takes two inputs whose channels add up to Cin and sums
+    two convs on the kernel's slices (same math as a conv on their concatenation).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int,
+        *,
+        use_bias: bool,
+        rngs: nnx.Rngs,
+        in_splits: tuple[int, ...] | None = None,
+        dtype: jnp.dtype | None = None,
+    ):
+        fan_in = in_features * kernel_size * kernel_size
+        init = torch_uniform(fan_in)
+        shape = (kernel_size, kernel_size, in_features, out_features)
+        self.kernel = nnx.Param(init(rngs.params(), shape))
+        self.bias = nnx.Param(init(rngs.params(), (out_features,))) if use_bias else None
+        self.in_splits = in_splits or (in_features,)
+        if sum(self.in_splits) != in_features:
+            raise ValueError(f"in_splits {self.in_splits} must sum to in_features {in_features}")
+        self.dtype = dtype
+
+    def __call__(self, *xs: jax.Array) -> jax.Array:
+        kernel = self.kernel[...]
+        dtype = self.dtype or xs[0].dtype
+        out = None
+        start = 0
+        for x, c in zip(xs, self.in_splits, strict=True):
+            y = jax.lax.conv_general_dilated(
+                x.astype(dtype),
+                kernel[:, :, start : start + c].astype(dtype),
+                window_strides=(1, 1),
+                padding="SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+            out = y if out is None else out + y
+            start += c
+        if self.bias is not None:
+            out = out + self.bias[...].astype(dtype)
+        return out
+
+
+class UpConv2x2(nnx.Module):
+    """2x2 stride-2 transposed conv: ``[B,H,W,Cin] -> [B,2H,2W,Cout]``.
+
+    Kernel ``[2,2,Cin,Cout]``: input pixel (h, w) writes ``x[h,w] @ kernel[i,j]`` to output pixel
+    (2h+i, 2w+j). Initialised as PyTorch's ConvTranspose2d, whose fan_in is Cout*2*2.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: jnp.dtype | None = None
+    ):
+        init = torch_uniform(out_features * 4)
+        self.kernel = nnx.Param(init(rngs.params(), (2, 2, in_features, out_features)))
+        self.bias = nnx.Param(init(rngs.params(), (out_features,)))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, _ = x.shape
+        dtype = self.dtype or x.dtype
+        y = jnp.einsum("bhwc,ijcd->bhiwjd", x.astype(dtype), self.kernel[...].astype(dtype))
+        y = y.reshape(b, 2 * h, 2 * w, -1)  # depth-to-space
+        return y + self.bias[...].astype(dtype)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 stride-2 max-pool as a reshape (cheaper than reduce_window's argmax tracking on CPU).
+
+    ``[B,H,W,C] -> [B,H/2,W/2,C]``; H and W must be even.
+    """
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def make_norm(kind: str, features: int, *, rngs: nnx.Rngs, groups: int = 8) -> nnx.Module | None:
+    """Normalization layer by name: "batch" (PyTorch's eps and momentum), "group", "none"."""
+    if kind == "batch":
+        # Flax momentum 0.9 == PyTorch momentum 0.1 (running = 0.9 running + 0.1 batch).
+        return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+    if kind == "group":
+        return nnx.GroupNorm(features, num_groups=min(groups, features), epsilon=1e-5, rngs=rngs)
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown norm {kind!r}; valid: ['batch', 'group', 'none']")
+
+
+def apply_norm(norm: nnx.Module | None, x: jax.Array, train: bool) -> jax.Array:
+    """Applies a norm layer; BatchNorm uses batch statistics only when ``train``."""
+    if norm is None:
+        return x
+    if isinstance(norm, nnx.BatchNorm):
+        return norm(x, use_running_average=not train)
+    return norm(x)

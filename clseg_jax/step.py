@@ -1,0 +1,152 @@
+"""The train step: a pure function of pytrees, compiled once for a whole stream.
+
+``make_train_step`` returns the function that ``train`` jits with explicit shardings and buffer
+donation and compiles ahead of time once per (shapes, strategy); the strategy state and the class
+mask are arguments, so no phase of the stream recompiles it. Metrics accumulate on device in a
+``clu.metrics`` collection that the host reads only at log steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from clu import metrics as clu_metrics
+from flax import nnx
+
+from clseg_jax import (
+    losses,
+)
+from clseg_jax.strategies import base
+
+PyTree = Any
+
+
+class TrainState(NamedTuple):
+    """Everything the step updates besides the strategy state."""
+
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    step: jax.Array  # int32 [], global step over the whole stream
+
+
+# Built with ``create`` because clu reads field types from annotations, which
+# ``from __future__ import annotations`` turns into strings.
+TrainMetrics = clu_metrics.Collection.create(
+    loss=clu_metrics.Average.from_output("loss"),
+    task_loss=clu_metrics.Average.from_output("task_loss"),
+    pixel_accuracy=clu_metrics.Average.from_output("pixel_accuracy"),
+)
+
+
+class Monitor(NamedTuple):
+    """Device-side health of the run: the first step whose loss or updated parameters were not
+    finite (-1 if none). Parameters are checked too because a finite loss can still produce an
+    overflowing update, and such parameters must never be checkpointed."""
+
+    first_bad_step: jax.Array  # int32 []
+
+
+def new_monitor() -> Monitor:
+    return Monitor(first_bad_step=jnp.array(-1, jnp.int32))
+
+
+def make_forward(graphdef: nnx.GraphDef) -> base.Forward:
+    """Pure forward over ``(params, batch_stats)`` pure-dict pytrees (faster than ``nnx.jit``).
+
+    Pure dicts, not ``nnx.State``: a State's Variables carry the trace they were made in, and the
+    step differentiates inside ``jit``.
+
+    uint8 images are mapped to [-1, 1]; float images (e.g. synthesised ones) are taken as they are.
+    """
+
+    def forward(params, batch_stats, images, train):
+        if jnp.issubdtype(images.dtype, jnp.integer):
+            images = images.astype(jnp.float32) / 127.5 - 1.0
+        model = nnx.merge(graphdef, params, batch_stats)
+        outputs = model(images, train=train)
+        return outputs, nnx.state(model, nnx.BatchStat).to_pure_dict()
+
+    return forward
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_phase: int):
+    """optax optimizer from ``config.optimizer`` (name sgd|adam|adamw, lr, schedule ...)."""
+    if cfg.schedule == "constant":
+        lr = cfg.lr
+    elif cfg.schedule == "cosine":
+        lr = optax.cosine_decay_schedule(cfg.lr, max(steps_per_phase, 1))
+    elif cfg.schedule == "poly":
+        lr = optax.polynomial_schedule(cfg.lr, 0.0, 0.9, max(steps_per_phase, 1))
+    else:
+        raise ValueError(f"unknown lr schedule {cfg.schedule!r}; valid: constant, cosine, poly")
+    wd = cfg.get("weight_decay", 0.0)
+    if cfg.name == "sgd":
+        tx = optax.sgd(lr, momentum=cfg.get("momentum", 0.0) or None)
+        return optax.chain(optax.add_decayed_weights(wd), tx) if wd else tx
+    if cfg.name == "adam":
+        tx = optax.adam(lr)
+        return optax.chain(optax.add_decayed_weights(wd), tx) if wd else tx
+    if cfg.name == "adamw":
+        return optax.adamw(lr, weight_decay=wd)
+    raise ValueError(f"unknown optimizer {cfg.name!r}; valid: ['adam', 'adamw', 'sgd']")
+
+
+def make_train_step(
+    forward: base.Forward, strategy: base.Strategy, tx: optax.GradientTransformation
+) -> Callable:
+    """``step(state, sstate, metrics, monitor, batch, key, class_mask) -> same first four``.
+
+    One train-mode forward (one BatchNorm update) per step; the strategy adds to or replaces the
+    task loss, may transform the gradients and may update its state from the task gradients.
+    """
+
+    def loss_parts(params, batch_stats, batch, sstate, key, class_mask):
+        outputs, new_stats = forward(params, batch_stats, batch["image"], True)
+        logits = losses.mask_logits(outputs["logits"], class_mask)
+        outputs = {**outputs, "logits": logits}
+        task = losses.cross_entropy(logits, batch["label"])
+        inputs = base.LossInputs(params, batch_stats, batch, outputs, task, class_mask)
+        value, _ = strategy.loss(inputs, sstate, key)
+        total = value if strategy.replaces_task_loss else task + value
+        return (total, task), (new_stats, inputs)
+
+    def step(state: TrainState, sstate, metrics, monitor, batch, key, class_mask):
+        key = jax.random.fold_in(key, state.step)
+        k_batch, k_loss, k_grads = jax.random.split(key, 3)
+        batch = strategy.prepare_batch(batch, sstate, k_batch)
+
+        def parts(p):
+            return loss_parts(p, state.batch_stats, batch, sstate, k_loss, class_mask)
+
+        (total, task), pullback, (new_stats, inputs) = jax.vjp(parts, state.params, has_aux=True)
+        one, zero = jnp.ones_like(total), jnp.zeros_like(total)
+        (grads,) = pullback((one, zero))
+        # SI-like methods need d(task)/d(params) alone: a second backward pass, paid only by them.
+        task_grads = pullback((zero, one))[0] if strategy.needs_task_grads else None
+        grads = strategy.transform_grads(grads, inputs, sstate, k_grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        sstate = strategy.on_step(sstate, task_grads, state.params, params)
+
+        metrics = metrics.merge(
+            TrainMetrics.single_from_model_output(
+                loss=total,
+                task_loss=task,
+                pixel_accuracy=losses.pixel_accuracy(inputs.outputs["logits"], batch["label"]),
+            )
+        )
+        finite = jnp.isfinite(total) & jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
+        )
+        bad = ~finite & (monitor.first_bad_step < 0)
+        monitor = Monitor(jnp.where(bad, state.step, monitor.first_bad_step))
+        new_state = TrainState(params, new_stats, opt_state, state.step + 1)
+        return new_state, sstate, metrics, monitor
+
+    return step

@@ -1,0 +1,33 @@
+"""Strategy registry. ``config.strategy.name`` is one name or several joined by '+' (chained).
+
+Every factory has the signature ``make(cfg, forward, num_classes) -> base.Strategy`` where ``cfg``
+is the whole ``config.strategy`` ConfigDict (each method reads its own fields).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ml_collections
+
+from clseg_jax.strategies import base, naive, rehearsal
+
+STRATEGIES: dict[str, Callable[..., base.Strategy]] = {
+    "naive": naive.make,
+    "joint": rehearsal.make_joint,
+    "cumulative": rehearsal.make_cumulative,
+}
+
+
+def names(spec: str) -> list[str]:
+    """Splits 'ewc+lwf' into registry names, raising a one-line error for unknown ones."""
+    parts = [p.strip() for p in spec.split("+")]
+    for p in parts:
+        if p not in STRATEGIES:
+            raise ValueError(f"unknown strategy {p!r}; valid: {sorted(STRATEGIES)}")
+    return parts
+
+
+def make(cfg: ml_collections.ConfigDict, forward: base.Forward, num_classes: int) -> base.Strategy:
+    """Builds ``config.strategy.name`` (chaining '+'-joined names)."""
+    return base.chain(*(STRATEGIES[n](cfg, forward, num_classes) for n in names(cfg.name)))

@@ -1,0 +1,462 @@
+"""The stream loop: ``run(config, workdir)`` trains a strategy over a stream and reports.
+
+Per phase (an experience, or a union of experiences for cumulative/joint): the strategy's
+``before_phase``, the compiled step over this phase's grain batches, ``after_phase``, then an
+evaluation of *every* experience's test set (one row of the accuracy matrix R) and an atomic
+checkpoint. Checkpoints also fall every ``checkpoint_every_steps`` steps and on SIGTERM; re-running
+the same command on the same workdir resumes where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+from flax import nnx
+
+from clseg_jax import checkpoint, data, evaluate, models, report, sharding, strategies, writers
+from clseg_jax import metrics as metrics_lib
+from clseg_jax import step as step_lib
+from clseg_jax.data import base as data_base
+from clseg_jax.data import loader
+from clseg_jax.strategies import base
+
+
+class _Progress(NamedTuple):
+    """Where a run stands; saved as checkpoint metadata (JSON)."""
+
+    phase: int
+    step_in_phase: int
+    iterator: dict | None
+    rows: list  # confusions per finished phase: rows[i][j] = [K,K] nested lists
+    initial_row: list | None
+    timing: dict
+
+
+def _phases(stream, schedule) -> list[base.Phase]:
+    """Phase descriptions for a schedule; classes seen accumulate over phases."""
+    out, seen = [], set()
+    for i, exps in enumerate(schedule):
+        labelled = _labelled(stream, exps)
+        new = tuple(sorted(labelled - seen))
+        seen |= labelled
+        source = _phase_source(stream, exps)
+        visible = stream.class_mask(sorted(labelled))
+
+        def batches(batch_size, source=source, visible=visible):
+            return loader.host_batches(source, visible, batch_size)
+
+        out.append(
+            base.Phase(i, tuple(exps), new, tuple(sorted(seen)), stream.class_mask(seen), batches)
+        )
+    return out
+
+
+def _labelled(stream, exps) -> set[int]:
+    """Classes labelled in the union of these experiences' training data."""
+    return set().union(*(stream.experiences[e].classes for e in exps))
+
+
+def _phase_source(stream, exps):
+    sources = [stream.experiences[e].train for e in exps]
+    return sources[0] if len(sources) == 1 else data_base.ConcatSource(sources)
+
+
+def _count_compiles() -> tuple[list, Callable]:
+    """Counts XLA compilations through JAX's own monitoring events."""
+    events: list = []
+
+    def listener(name, _secs, **_):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return events, lambda: jax.monitoring.unregister_event_duration_listener(listener)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def array_shardings(arrays: dict, mesh, rules=()) -> dict:
+    """Shardings of the run's arrays: params (and their optimizer moments) by the config's rules,
+    everything else replicated."""
+    repl = sharding.replicated(mesh)
+    state = arrays["state"]
+    out = {
+        "state": step_lib.TrainState(
+            sharding.tree_shardings(state.params, mesh, rules),
+            jax.tree.map(lambda _: repl, state.batch_stats),
+            sharding.tree_shardings(state.opt_state, mesh, rules),
+            repl,
+        ),
+        "sstate": jax.tree.map(lambda _: repl, arrays["sstate"]),
+    }
+    if "rng" in arrays:
+        out["rng"] = repl
+    return out
+
+
+def jit_train_step(step: Callable, shardings: dict, mesh) -> Callable:
+    """``jax.jit`` of a train step with explicit shardings and the carried state donated.
+
+    Batch split over the data axis; key and class mask replicated.
+    """
+    repl = sharding.replicated(mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    metric_sh = jax.tree.map(lambda _: repl, step_lib.TrainMetrics.empty())
+    mon_sh = step_lib.Monitor(repl)
+    carried = (shardings["state"], shardings["sstate"], metric_sh, mon_sh)
+    return jax.jit(
+        step,
+        in_shardings=(*carried, {"image": batch_sh, "label": batch_sh}, repl, repl),
+        out_shardings=carried,
+        donate_argnums=(0, 1, 2, 3),
+    )
+
+
+def validate_names(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, before any data is built, on names that no registry knows."""
+    strategies.names(config.strategy.name)
+    if config.data.name not in data.DATASETS:
+        raise ValueError(f"unknown dataset {config.data.name!r}; valid: {sorted(data.DATASETS)}")
+    if config.model.name not in models.MODELS:
+        raise ValueError(f"unknown model {config.model.name!r}; valid: {sorted(models.MODELS)}")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains ``config.strategy`` on ``config.data``'s stream; writes results under ``workdir``.
+
+    Re-running on the same workdir resumes from the latest checkpoint (and, if the stream is
+    finished, just rewrites the results). Returns the results dict (also ``results.json``).
+    """
+    validate_names(config)
+    compile_events, stop_counting = _count_compiles()
+    try:
+        with _Run(config, workdir, compile_events) as r:
+            return r.execute()
+    finally:
+        stop_counting()
+
+
+class _Run:
+    """State of one ``run`` call; kept as an object only to share setup between its phases."""
+
+    def __init__(self, config, workdir, compile_events):
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        self.compile_events = compile_events
+        os.makedirs(self.workdir, exist_ok=True)
+        self.stream = data.make(config.data)
+        model = models.make(config.model, self.stream.num_classes, seed=config.seed)
+        self.graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        params, batch_stats = params.to_pure_dict(), batch_stats.to_pure_dict()
+        self.forward = step_lib.make_forward(self.graphdef)
+        self.strategy = strategies.make(config.strategy, self.forward, self.stream.num_classes)
+        self.phases = _phases(self.stream, self.strategy.schedule(len(self.stream.experiences)))
+        self.mesh = sharding.make_mesh(config.sharding.mesh)
+        self._rules = config.sharding.param_rules
+        self.repl = sharding.replicated(self.mesh)
+        self.batch_sh = sharding.batch_sharding(self.mesh)
+        self.datasets = [self._dataset(p) for p in self.phases]
+        self.tx = step_lib.make_optimizer(config.optimizer, max(len(d) for d in self.datasets))
+
+        param_sh = sharding.tree_shardings(params, self.mesh, config.sharding.param_rules)
+        params = jax.device_put(params, param_sh)
+        batch_stats = jax.device_put(batch_stats, self.repl)
+        state = step_lib.TrainState(
+            params, batch_stats, self.tx.init(params), jnp.array(0, jnp.int32)
+        )
+        sstate = self.strategy.init(params, batch_stats)
+        self.arrays = {
+            "state": state,
+            "sstate": sstate,
+            "rng": jax.random.PRNGKey(config.seed),
+        }
+        self.arrays = jax.device_put(
+            self.arrays, array_shardings(self.arrays, self.mesh, self._rules)
+        )
+        self.ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"))
+        self.writer = writers.MetricWriter(
+            self.workdir,
+            tensorboard=config.log.tensorboard,
+            wandb=config.log.wandb,
+            wandb_mode=config.log.wandb_mode,
+            run_name=os.path.basename(self.workdir),
+            config=config.to_dict(),
+        )
+        self.evaluator = evaluate.Evaluator(
+            self.forward, self.stream, self.mesh, config.eval_batch_size
+        )
+        self.stop_requested = False
+
+    def __enter__(self):
+        self._old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old_handler is not None:
+            signal.signal(signal.SIGTERM, self._old_handler)
+        self.writer.close()
+        self.ckpt.close()
+
+    def _on_sigterm(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM: saving a checkpoint after the current step, then exiting")
+        self.stop_requested = True
+
+    def _dataset(self, phase: base.Phase):
+        exps = phase.experiences
+        aug = self.config.augment
+        return loader.train_dataset(
+            _phase_source(self.stream, exps),
+            self.stream.class_mask(sorted(_labelled(self.stream, exps))),
+            global_batch=self.config.batch_size,
+            epochs=self.config.epochs,
+            seed=self.config.seed * 1000 + phase.index,
+            crop=aug.crop or None,
+            flip=aug.flip,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def execute(self) -> dict:
+        timing = {**dict.fromkeys(TIMING_KEYS, 0.0), "compiles_per_phase": []}
+        progress = _Progress(0, 0, None, [], None, timing)
+        if self.ckpt.latest() is not None:
+            abstract = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.arrays
+            )
+            self.arrays, meta = self.ckpt.restore(abstract)
+            progress = _Progress(**meta)
+            logging.info(
+                "resumed from checkpoint: phase %d step %d", progress.phase, progress.step_in_phase
+            )
+        timing = progress.timing
+
+        t0 = time.perf_counter()
+        step_fn = self._compile_step()
+        state = self.arrays["state"]
+        self.evaluator.compile(state.params, state.batch_stats)
+        timing["compile_s"] += time.perf_counter() - t0
+
+        if progress.initial_row is None:
+            t0 = time.perf_counter()
+            full = np.ones(self.stream.num_classes, bool)
+            confs = self.evaluator.row(state.params, state.batch_stats, full)
+            progress = progress._replace(initial_row=[c.tolist() for c in confs])
+            timing["eval_s"] += time.perf_counter() - t0
+
+        for phase in self.phases[progress.phase :]:
+            progress = self._train_phase(phase, progress, step_fn)
+            if progress is None:  # stopped by SIGTERM after saving
+                return {}
+        return self._finish(progress)
+
+    def _compile_step(self):
+        """Compiles the step ahead of time; a call with other shapes would fail, not recompile."""
+        cfg = self.config
+        step = step_lib.make_train_step(self.forward, self.strategy, self.tx)
+        jitted = jit_train_step(
+            step, array_shardings(self.arrays, self.mesh, self._rules), self.mesh
+        )
+        example = self.stream.experiences[0].train[0]
+        hw = (cfg.augment.crop,) * 2 if cfg.augment.crop else example["label"].shape
+        b = cfg.batch_size
+        batch = {
+            "image": jax.ShapeDtypeStruct((b, *hw, 3), jnp.uint8, sharding=self.batch_sh),
+            "label": jax.ShapeDtypeStruct((b, *hw), jnp.uint8, sharding=self.batch_sh),
+        }
+        k = self.stream.num_classes
+        mask = jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=self.repl)
+        return jitted.lower(
+            self.arrays["state"],
+            self.arrays["sstate"],
+            step_lib.TrainMetrics.empty(),
+            step_lib.new_monitor(),
+            batch,
+            self.arrays["rng"],
+            mask,
+        ).compile()
+
+    def _train_phase(self, phase: base.Phase, progress: _Progress, step_fn) -> _Progress | None:
+        cfg = self.config
+        timing = progress.timing
+        compiles_before = len(self.compile_events)
+        state, sstate = self.arrays["state"], self.arrays["sstate"]
+        if progress.step_in_phase == 0:
+            t0 = time.perf_counter()
+            params, sstate = self.strategy.before_phase(
+                state.params, state.batch_stats, sstate, phase
+            )
+            opt_state = self.tx.init(params) if cfg.optimizer.reset_per_phase else state.opt_state
+            state = state._replace(params=params, opt_state=opt_state)
+            # Hooks run on the host and may return arrays placed anywhere: put them back where
+            # the compiled step expects them.
+            shardings = array_shardings({"state": state, "sstate": sstate}, self.mesh, self._rules)
+            state = jax.device_put(state, shardings["state"])
+            sstate = jax.device_put(sstate, shardings["sstate"])
+            jax.block_until_ready((state, sstate))
+            timing["strategy_s"] += time.perf_counter() - t0
+
+        dataset = self.datasets[phase.index]
+        iterator = iter(dataset.to_iter_dataset())
+        if progress.iterator is not None:
+            iterator.set_state(progress.iterator)
+        mask = jax.device_put(jnp.asarray(phase.class_mask), self.repl)
+        rng = self.arrays["rng"]
+        metrics, monitor = step_lib.TrainMetrics.empty(), step_lib.new_monitor()
+        n_steps = len(dataset)
+        bar = tqdm.tqdm(
+            total=n_steps,
+            initial=progress.step_in_phase,
+            disable=not cfg.progress,
+            desc=f"phase {phase.index + 1}/{len(self.phases)} (experience {phase.experiences})",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        t_train = time.perf_counter()
+        s = progress.step_in_phase
+        global_step = int(state.step)
+        while s < n_steps:
+            local = next(iterator)
+            batch = sharding.global_batch(local, self.batch_sh)
+            state, sstate, metrics, monitor = step_fn(
+                state, sstate, metrics, monitor, batch, rng, mask
+            )
+            s += 1
+            global_step += 1  # host-side mirror of state.step: reading that would sync
+            bar.update(1)
+            save_now = cfg.checkpoint_every_steps > 0 and s % cfg.checkpoint_every_steps == 0
+            if s % cfg.log_every_steps == 0 or s == n_steps or save_now or self.stop_requested:
+                metrics = self._log(global_step, metrics, monitor, phase, bar)
+            if global_step == cfg.debug.kill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume test
+            if (save_now or self.stop_requested) and s < n_steps:
+                timing["train_s"] += time.perf_counter() - t_train
+                self.arrays = {"state": state, "sstate": sstate, "rng": rng}
+                self._save(progress._replace(step_in_phase=s, iterator=iterator.get_state()))
+                t_train = time.perf_counter()
+                if self.stop_requested:
+                    bar.close()
+                    return None
+        jax.block_until_ready(state)
+        timing["train_s"] += time.perf_counter() - t_train
+        timing["train_steps"] += n_steps - progress.step_in_phase
+        bar.close()
+
+        t0 = time.perf_counter()
+        sstate = self.strategy.after_phase(state.params, state.batch_stats, sstate, phase)
+        jax.block_until_ready(sstate)
+        timing["strategy_s"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        confs = self.evaluator.row(state.params, state.batch_stats, phase.class_mask)
+        timing["eval_s"] += time.perf_counter() - t0
+        row = [metrics_lib.miou(c) for c in confs]
+        logging.info(
+            "after phase %d: mIoU per experience %s", phase.index, " ".join(f"{v:.3f}" for v in row)
+        )
+        self.writer.write_scalars(global_step, {f"eval/miou_exp{j}": v for j, v in enumerate(row)})
+        self.arrays = {"state": state, "sstate": sstate, "rng": rng}
+        # JAX's own compile events in this phase (hooks, steps, evaluation): 0 after the first.
+        timing["compiles_per_phase"].append(len(self.compile_events) - compiles_before)
+        progress = _Progress(
+            phase.index + 1,
+            0,
+            None,
+            [*progress.rows, [c.tolist() for c in confs]],
+            progress.initial_row,
+            timing,
+        )
+        self._save(progress)
+        if self.stop_requested:
+            return None
+        return progress
+
+    def _log(self, global_step, metrics, monitor, phase, bar):
+        """Reads the device metrics (the only host sync of the loop), checks them, resets."""
+        values = {k: float(v) for k, v in metrics.compute().items()}
+        bad = int(monitor.first_bad_step)
+        if bad >= 0 or not all(np.isfinite(v) for v in values.values()):
+            raise NonFiniteLossError(
+                f"non-finite loss or parameters at step {bad if bad >= 0 else global_step} "
+                f"(phase {phase.index}, experience(s) {list(phase.experiences)}); "
+                f"stopped without saving; last good checkpoint: "
+                f"{self.ckpt.latest() or 'none'} in {self.workdir}/checkpoints"
+            )
+        self.writer.write_scalars(global_step, {f"train/{k}": v for k, v in values.items()})
+        bar.set_postfix(loss=f"{values['loss']:.4f}")
+        return step_lib.TrainMetrics.empty()
+
+    def _save(self, progress: _Progress) -> None:
+        t0 = time.perf_counter()
+        self.ckpt.save(self.arrays, progress._asdict())
+        progress.timing["checkpoint_s"] += time.perf_counter() - t0
+
+    def _finish(self, progress: _Progress) -> dict:
+        cfg = self.config
+        k = self.stream.num_classes
+        confs = [[np.array(c) for c in row] for row in progress.rows]
+        R = [[metrics_lib.miou(c) for c in row] for row in confs]
+        initial = [metrics_lib.miou(np.array(c)) for c in progress.initial_row]
+        timing = dict(progress.timing)
+        timing["compile_count"] = len(self.compile_events)
+        timing["steps_per_s"] = timing["train_steps"] / max(timing["train_s"], 1e-9)
+        results = {
+            "metric": "miou",
+            "strategy": cfg.strategy.name,
+            "accuracy_matrix": R,
+            "initial_row": initial,
+            **metrics_lib.cl_summary(R, initial if len(R) > 1 else None),
+            "per_class_iou": [
+                {str(c): v for c, v in enumerate(metrics_lib.iou_per_class(conf))}
+                for conf in confs[-1]
+            ],
+            "phases": [list(p.experiences) for p in self.phases],
+            "stream": {
+                "name": self.stream.name,
+                "kind": self.stream.kind,
+                "num_classes": k,
+                "class_names": list(self.stream.class_names),
+                "experiences": [e.name for e in self.stream.experiences],
+            },
+            "timing": timing,
+            "config": cfg.to_dict(),
+        }
+        if self.stream.kind == "class":
+            results["old_new_all"] = []
+            for i, row in enumerate(confs):
+                phase = self.phases[i]
+                old = sorted(set(phase.seen_classes) - set(phase.new_classes))
+                # Each experience's test set counts once, with the labels seen at that experience.
+                upto = max(phase.experiences)
+                total = sum(row[: upto + 1])
+                results["old_new_all"].append(
+                    metrics_lib.old_new_all(total, old, phase.new_classes)
+                )
+        report.write_results(self.workdir, results)
+        names = [e.name for e in self.stream.experiences]
+        report.plot_accuracy_matrix(
+            R, os.path.join(self.workdir, "accuracy_matrix.png"), labels=names
+        )
+        report.plot_curves(R, os.path.join(self.workdir, "curves.png"), labels=names)
+        logging.info("results written to %s", os.path.join(self.workdir, "results.json"))
+        return results
+
+
+TIMING_KEYS = ("train_s", "train_steps", "compile_s", "strategy_s", "eval_s", "checkpoint_s")

@@ -1,0 +1,63 @@
+"""Shared config pieces: the base config and ``parse_arg`` for ``file.py:k=v,k2=v2`` families."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses ``"strategy=naive,seed=1"`` into a ConfigDict, typed like the defaults.
+
+    A bare word ``"compare"`` sets ``compare=True`` when ``compare`` is a bool default.
+    """
+    out = ml_collections.ConfigDict(defaults)
+    for part in filter(None, (arg or "").split(",")):
+        key, sep, value = part.partition("=")
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
+        if not sep:
+            if not isinstance(defaults[key], bool):
+                raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+            out[key] = True
+        elif isinstance(defaults[key], bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        else:
+            out[key] = type(defaults[key])(value)
+    return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Fields every run has; each config file fills in data, model and strategy."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = ml_collections.ConfigDict({"name": "shapes_di", "seed": 0})
+    c.model = ml_collections.ConfigDict(
+        {"name": "unet", "kwargs": {"widths": (16, 32, 64, 128), "norm": "batch"}}
+    )
+    c.strategy = ml_collections.ConfigDict({"name": "naive"})
+    c.optimizer = ml_collections.ConfigDict(
+        {
+            "name": "sgd",
+            "lr": 0.01,
+            "momentum": 0.9,
+            "weight_decay": 0.0,
+            "schedule": "constant",
+            # Avalanche re-creates the optimizer per experience; so do we by default.
+            "reset_per_phase": True,
+        }
+    )
+    c.batch_size = 32
+    c.eval_batch_size = 64
+    c.epochs = 2
+    c.augment = ml_collections.ConfigDict({"crop": 0, "flip": False})
+    c.sharding = ml_collections.ConfigDict({"mesh": (("data", -1),), "param_rules": ()})
+    c.log_every_steps = 20
+    c.checkpoint_every_steps = 0  # 0: only at the end of each experience
+    c.progress = True
+    c.log = ml_collections.ConfigDict(
+        {"tensorboard": True, "wandb": False, "wandb_mode": "offline"}
+    )
+    # Strategies run one after another into <workdir>/<name>/ with a comparison table.
+    c.compare = ()
+    c.debug = ml_collections.ConfigDict({"kill_at_step": -1})  # fault injection (resume test)
+    return c

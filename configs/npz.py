@@ -1,0 +1,30 @@
+"""Any registered strategy on a user folder of ``exp0.npz, exp1.npz, ...`` (README: data formats).
+
+Defaults are BENCHMARKS.md's W1 recipe: the W1 UNet (widths 16-32-64-128, batch norm, PyTorch
+initialisation), batch 32, SGD lr 0.01 momentum 0.9, 2 epochs per experience, no augmentation.
+
+  python -m clseg_jax.main --config=configs/npz.py:strategy=naive \\
+      --config.data.path=/path/to/folder --workdir=runs/npz_naive
+
+``--config.data.num_classes=K`` fixes the class count (default: inferred from the labels);
+``--config.data.kind=class`` treats the folder as class-incremental (classes present in each
+file's training labels are that experience's classes).
+"""
+
+from __future__ import annotations
+
+from configs import common
+
+EXAMPLE_ARGS = (None, "strategy=joint")
+
+
+def get_config(arg: str | None = None):
+    a = common.parse_arg(arg, strategy="naive", seed=0)
+    c = common.base_config()
+    c.seed = a.seed
+    c.data.name = "npz"
+    c.data.path = ""
+    c.data.num_classes = 0
+    c.data.kind = "domain"
+    c.strategy.name = a.strategy
+    return c

@@ -1,0 +1,213 @@
+"""W1 of BENCHMARKS.md: the `unet64` train step, bare and through the `naive` strategy.
+
+    python experiments/bench_step.py --out experiments/results/bench_step.json
+
+Measures, in one process: steady-state images/s (median step time over >= 20 steps after warm-up,
+each timed after ``block_until_ready``), compile seconds (ahead-of-time), achieved GFLOP/s from the
+analytic 0.868 GFLOP per training image and as a fraction of a 2048x2048 float32 matmul measured in
+the same run, and XLA's own FLOP count for reference. The bare step is model + pixel CE + SGD
+written directly; the naive step is the library's train step (strategy hooks, class mask, metrics,
+monitor, shardings), so plumbing costs cannot hide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from importlib import metadata
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from clseg_jax import losses, models, sharding, strategies
+from clseg_jax import step as step_lib
+from clseg_jax import train as train_lib
+from configs import npz as npz_config
+
+GFLOP_PER_TRAIN_IMAGE = 0.868  # BENCHMARKS.md W1, analytic (forward 0.2905)
+NUM_CLASSES = 5
+
+
+def _time_steps(fn, args, steps: int, warmup: int):
+    """Median seconds per call; ``fn`` returns the new ``args`` (donated state threads through)."""
+    for _ in range(warmup):
+        args = fn(*args)
+    jax.block_until_ready(args)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        args = fn(*args)
+        jax.block_until_ready(args)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def _xla_flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost.get("flops")) if cost and "flops" in cost else None
+    except Exception:  # cost analysis is best-effort reference information
+        return None
+
+
+def _batch(batch_size: int, size: int):
+    rng = np.random.default_rng(0)
+    return {
+        "image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
+        "label": rng.integers(0, NUM_CLASSES, (batch_size, size, size), dtype=np.uint8),
+    }
+
+
+def bench_bare(cfg, batch_size: int, size: int, steps: int, warmup: int):
+    model = models.make(cfg.model, NUM_CLASSES, seed=0)
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, stats = params.to_pure_dict(), stats.to_pure_dict()
+    forward = step_lib.make_forward(graphdef)
+    tx = optax.sgd(0.01, momentum=0.9)
+
+    def step(params, stats, opt_state, batch):
+        def loss_fn(p):
+            out, new_stats = forward(p, stats, batch["image"], True)
+            return losses.cross_entropy(out["logits"], batch["label"]), new_stats
+
+        (_, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_stats, opt_state
+
+    batch = jax.device_put(_batch(batch_size, size))
+    opt_state = tx.init(params)
+    t0 = time.perf_counter()
+    compiled = (
+        jax.jit(step, donate_argnums=(0, 1, 2)).lower(params, stats, opt_state, batch).compile()
+    )
+    compile_s = time.perf_counter() - t0
+    med, times = _time_steps(
+        lambda p, s, o: compiled(p, s, o, batch), (params, stats, opt_state), steps, warmup
+    )
+    return med, times, compile_s, _xla_flops(compiled)
+
+
+def bench_naive(cfg, batch_size: int, size: int, steps: int, warmup: int):
+    model = models.make(cfg.model, NUM_CLASSES, seed=0)
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, stats = params.to_pure_dict(), stats.to_pure_dict()
+    forward = step_lib.make_forward(graphdef)
+    strategy = strategies.make(cfg.strategy, forward, NUM_CLASSES)
+    tx = step_lib.make_optimizer(cfg.optimizer, 1000)
+    mesh = sharding.make_mesh(cfg.sharding.mesh)
+    state = step_lib.TrainState(params, stats, tx.init(params), jnp.array(0, jnp.int32))
+    arrays = {"state": state, "sstate": strategy.init(params, stats)}
+    shardings = train_lib.array_shardings(arrays, mesh)
+    arrays = jax.device_put(arrays, shardings)
+    jitted = train_lib.jit_train_step(
+        step_lib.make_train_step(forward, strategy, tx), shardings, mesh
+    )
+    repl = sharding.replicated(mesh)
+    batch = sharding.global_batch(_batch(batch_size, size), sharding.batch_sharding(mesh))
+    key = jax.device_put(jax.random.PRNGKey(0), repl)
+    mask = jax.device_put(jnp.ones(NUM_CLASSES, bool), repl)
+    carried = (
+        arrays["state"],
+        arrays["sstate"],
+        step_lib.TrainMetrics.empty(),
+        step_lib.new_monitor(),
+    )
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*carried, batch, key, mask).compile()
+    compile_s = time.perf_counter() - t0
+    med, times = _time_steps(lambda *c: compiled(*c, batch, key, mask), carried, steps, warmup)
+    return med, times, compile_s, _xla_flops(compiled)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--which", default="bare,naive")
+    parser.add_argument("--out", default="experiments/results/bench_step.json")
+    args = parser.parse_args()
+
+    cfg = npz_config.get_config()
+    peak = matmul_gflops()
+    results = {}
+    for which in args.which.split(","):
+        if which == "bare":
+            med, times, compile_s, xla = bench_bare(
+                cfg, args.batch, args.size, args.steps, args.warmup
+            )
+        elif which == "naive":
+            med, times, compile_s, xla = bench_naive(
+                cfg, args.batch, args.size, args.steps, args.warmup
+            )
+        else:
+            raise SystemExit(f"unknown --which {which!r}; valid: bare, naive")
+        ips = args.batch / med
+        gflops = ips * GFLOP_PER_TRAIN_IMAGE * (args.size / 64) ** 2
+        results[which] = {
+            "images_per_s": ips,
+            "step_ms_median": med * 1e3,
+            "step_ms_all": [t * 1e3 for t in times],
+            "compile_s": compile_s,
+            "gflops_analytic": gflops,
+            "fraction_of_matmul_peak": gflops / peak,
+            "xla_gflop_per_step": xla / 1e9 if xla else None,
+        }
+        print(
+            f"{which:6s} {ips:7.1f} images/s  {med * 1e3:7.1f} ms/step  compile {compile_s:5.1f} s"
+            f"  {gflops:6.1f} GFLOP/s = {gflops / peak:.0%} of matmul peak"
+        )
+    params = sum(
+        x.size
+        for x in jax.tree.leaves(nnx.state(models.make(cfg.model, NUM_CLASSES, 0), nnx.Param))
+    )
+    out = {
+        "workload": "W1 unet64 train step",
+        "batch": args.batch,
+        "image_size": args.size,
+        "parameters": int(params),
+        "matmul_2048_gflops": peak,
+        "results": results,
+        "config": cfg.to_dict(),
+        "versions": {
+            **{name: metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax")},
+            "python": platform.python_version(),
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "devices": [str(d) for d in jax.devices()],
+            "cpu_count": os.cpu_count(),
+        },
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    print(f"matmul peak {peak:.0f} GFLOP/s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

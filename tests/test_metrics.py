@@ -1,0 +1,170 @@
+"""Tests for clseg_jax.metrics against loop references and hand-computed numbers."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clseg_jax import metrics
+
+# Hand example (K = 3), one image of 2x4 pixels:
+#   labels [[0, 0, 1, 1], [2, 2, 255, 1]]
+#   preds  [[0, 1, 1, 1], [2, 0,   0, 2]]
+# (gt, pred) pairs: (0,0) (0,1) (1,1) (1,1) (2,2) (2,0) (ignored) (1,2)
+#   conf = [[1, 1, 0],     gt 0
+#           [0, 2, 1],     gt 1
+#           [1, 0, 1]]     gt 2
+# class 0: TP 1, FP (1+0+1)-1 = 1, FN 2-1 = 1 -> 1/3
+# class 1: TP 2, FP (1+2+0)-2 = 1, FN 3-2 = 1 -> 2/4 = 1/2
+# class 2: TP 1, FP (0+1+1)-1 = 1, FN 2-1 = 1 -> 1/3
+# mIoU = (1/3 + 1/2 + 1/3) / 3 = 7/18
+LABELS = np.array([[[0, 0, 1, 1], [2, 2, 255, 1]]])
+PREDS = np.array([[[0, 1, 1, 1], [2, 0, 0, 2]]])
+CONF = np.array([[1, 1, 0], [0, 2, 1], [1, 0, 1]])
+
+
+def _confusion_loop(labels: np.ndarray, preds: np.ndarray, k: int) -> np.ndarray:
+    conf = np.zeros((k, k), np.int64)
+    for gt, pr in zip(labels.reshape(-1), preds.reshape(-1), strict=True):
+        if 0 <= gt < k and 0 <= pr < k:
+            conf[gt, pr] += 1
+    return conf
+
+
+def test_confusion_hand_example():
+    conf = metrics.confusion(jnp.asarray(LABELS), jnp.asarray(PREDS), 3)
+    assert conf.shape == (3, 3)
+    assert conf.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(conf), CONF)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8])
+def test_confusion_matches_loop_reference(dtype):
+    rng = np.random.default_rng(0)
+    k = 21  # 20 * 21 > 255: catches uint8 overflow in label * K
+    labels = rng.integers(0, k, size=(3, 9, 11))
+    labels[rng.random(labels.shape) < 0.2] = 255
+    labels[rng.random(labels.shape) < 0.05] = k + 1  # out of range -> ignored as well
+    preds = rng.integers(0, k, size=labels.shape)
+    labels, preds = labels.astype(dtype), preds.astype(dtype)
+    got = np.asarray(metrics.confusion(jnp.asarray(labels), jnp.asarray(preds), k))
+    want = _confusion_loop(labels.astype(np.int64), preds.astype(np.int64), k)
+    np.testing.assert_array_equal(got, want)
+    assert got.sum() == np.sum(labels < k)
+
+
+def test_confusion_under_jit():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, size=(2, 6, 5))
+    labels[0, 0, :] = 255
+    preds = rng.integers(0, 4, size=labels.shape)
+    step = jax.jit(metrics.confusion, static_argnums=2)
+    got = np.asarray(step(jnp.asarray(labels), jnp.asarray(preds), 4))
+    np.testing.assert_array_equal(got, _confusion_loop(labels, preds, 4))
+
+
+def test_iou_and_miou_hand_example():
+    np.testing.assert_allclose(metrics.iou_per_class(CONF), [1 / 3, 1 / 2, 1 / 3])
+    assert metrics.miou(CONF) == pytest.approx(7 / 18)
+    # Class subsets: {1, 2} -> (1/2 + 1/3) / 2 = 5/12.
+    assert metrics.miou(CONF, [1, 2]) == pytest.approx(5 / 12)
+
+
+def test_empty_union_classes_are_excluded():
+    # Same data with K = 4: class 3 never appears in gt nor in predictions.
+    conf = np.zeros((4, 4), np.int64)
+    conf[:3, :3] = CONF
+    iou = metrics.iou_per_class(conf)
+    assert math.isnan(iou[3])
+    assert metrics.miou(conf) == pytest.approx(7 / 18)
+    assert metrics.miou(conf, [1, 3]) == pytest.approx(1 / 2)
+    assert math.isnan(metrics.miou(conf, [3]))
+    assert math.isnan(metrics.miou(np.zeros((3, 3))))
+
+
+def test_class_with_gt_but_no_prediction_scores_zero():
+    # Class 1 is in gt but never predicted: union 2, TP 0 -> IoU 0 (not NaN).
+    conf = np.array([[3, 0], [2, 0]])
+    np.testing.assert_allclose(metrics.iou_per_class(conf), [3 / 5, 0.0])
+
+
+# Hand-made accuracy matrix, R[i][j] = mIoU on experience j after training on i:
+R3 = [
+    [0.8, 0.1, 0.0],
+    [0.6, 0.7, 0.2],
+    [0.5, 0.6, 0.9],
+]
+INIT = [0.05, 0.05, 0.1]
+
+
+def test_cl_summary_hand_example():
+    s = metrics.cl_summary(R3, INIT)
+    # avg_miou: (0.5 + 0.6 + 0.9) / 3 = 2/3
+    assert s["avg_miou"] == pytest.approx(2 / 3)
+    # forgetting: j=0: max(0.8, 0.6) - 0.5 = 0.3; j=1: max(0.1, 0.7) - 0.6 = 0.1 -> 0.2
+    assert s["forgetting"] == pytest.approx(0.2)
+    # bwt: j=0: 0.5 - 0.8 = -0.3; j=1: 0.6 - 0.7 = -0.1 -> -0.2
+    assert s["bwt"] == pytest.approx(-0.2)
+    # fwt: j=1: R[0][1] - 0.05 = 0.05; j=2: R[1][2] - 0.1 = 0.1 -> 0.075
+    assert s["fwt"] == pytest.approx(0.075)
+    # avg_diag: (0.8 + 0.7 + 0.9) / 3 = 0.8
+    assert s["avg_diag"] == pytest.approx(0.8)
+    # avg_incremental: mean(0.8, (0.6+0.7)/2 = 0.65, (0.5+0.6+0.9)/3 = 2/3) = 0.705555...
+    assert s["avg_incremental"] == pytest.approx((0.8 + 0.65 + 2 / 3) / 3)
+    assert all(isinstance(v, float) for v in s.values())
+
+
+def test_cl_summary_without_initial_row_has_no_fwt():
+    s = metrics.cl_summary(np.asarray(R3))
+    assert s["fwt"] is None
+    assert s["bwt"] == pytest.approx(-0.2)
+
+
+def test_cl_summary_skips_nan_entries():
+    r = np.array(R3)
+    r[2, 0] = np.nan  # experience 0 had no defined IoU at the end
+    s = metrics.cl_summary(r)
+    # avg_miou: (0.6 + 0.9) / 2 = 0.75; forgetting/bwt only from j=1: 0.1 and -0.1
+    assert s["avg_miou"] == pytest.approx(0.75)
+    assert s["forgetting"] == pytest.approx(0.1)
+    assert s["bwt"] == pytest.approx(-0.1)
+
+
+def test_cl_summary_joint_one_row():
+    s = metrics.cl_summary([[0.5, 0.7, 0.6]], initial_row=[0.0, 0.0, 0.0])
+    assert s["avg_miou"] == pytest.approx(0.6)
+    for key in ("forgetting", "bwt", "fwt", "avg_diag", "avg_incremental"):
+        assert s[key] is None, key
+
+
+def test_cl_summary_single_experience():
+    s = metrics.cl_summary([[0.7]], initial_row=[0.1])
+    assert s["avg_miou"] == pytest.approx(0.7)
+    assert s["avg_diag"] == pytest.approx(0.7)
+    assert s["avg_incremental"] == pytest.approx(0.7)
+    assert s["forgetting"] is None and s["bwt"] is None and s["fwt"] is None
+
+
+def test_cl_summary_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        metrics.cl_summary([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]])
+    with pytest.raises(ValueError):
+        metrics.cl_summary(R3, initial_row=[0.0, 0.0])
+
+
+def test_old_new_all_hand_example():
+    # IoUs from CONF: [1/3, 1/2, 1/3]; old = {1} + background 0, new = {2}.
+    out = metrics.old_new_all(CONF, old_classes=[1], new_classes=[2])
+    assert out["old"] == pytest.approx((1 / 3 + 1 / 2) / 2)  # 5/12
+    assert out["new"] == pytest.approx(1 / 3)
+    assert out["all"] == pytest.approx(7 / 18)
+    # Background listed as new is still counted as old.
+    assert metrics.old_new_all(CONF, [1], [0, 2]) == pytest.approx(out)
+    # Without the background rule the groups are taken as given.
+    plain = metrics.old_new_all(CONF, [1], [2], background=None)
+    assert plain["old"] == pytest.approx(1 / 2)
+    assert plain["all"] == pytest.approx(5 / 12)

@@ -1,0 +1,75 @@
+"""Data parallelism over 8 (fake CPU) devices equals the 1-device run, compiled once.
+
+Runs in a subprocess because the device count is fixed when JAX starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from clseg_jax import sharding, train
+    from tests import tiny
+
+    out = {"devices": jax.device_count()}
+    cfg = tiny.config(**{"data.num_experiences": 2, "batch_size": 16})
+    mesh = sharding.make_mesh(cfg.sharding.mesh)
+    local = {"image": np.zeros((16, 32, 32, 3), np.uint8),
+             "label": np.zeros((16, 32, 32), np.uint8)}
+    batch = sharding.global_batch(local, sharding.batch_sharding(mesh))
+    out["image_shards"] = sorted({tuple(s.data.shape) for s in batch["image"].addressable_shards})
+    out["n_shards"] = len(batch["image"].addressable_shards)
+    with train._Run(cfg, sys.argv[1] + "/probe", []) as r:
+        out["all_reduce"] = "all-reduce" in r._compile_step().as_text()
+    for name, mesh_axes in (("one", (("data", 1),)), ("eight", (("data", -1),))):
+        c = tiny.config(**{"data.num_experiences": 2, "batch_size": 16})
+        c.sharding.mesh = mesh_axes
+        res = train.run(c, sys.argv[1] + "/" + name)
+        lines = [json.loads(l) for l in open(sys.argv[1] + "/" + name + "/metrics.jsonl")]
+        out[name] = {
+            "R": res["accuracy_matrix"],
+            "losses": [l["train/loss"] for l in lines if "train/loss" in l],
+            "compiles_per_phase": res["timing"]["compiles_per_phase"],
+        }
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def test_eight_devices_match_one(tmp_path):
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "PYTHONPATH": ROOT,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    out = json.loads(line[len("RESULT") :])
+    assert out["devices"] == 8
+    assert out["n_shards"] == 8 and out["image_shards"] == [[2, 32, 32, 3]]
+    assert out["all_reduce"], "the compiled step has no gradient all-reduce"
+    one, eight = out["one"], out["eight"]
+    assert len(one["losses"]) == len(eight["losses"]) > 0
+    for a, b in zip(one["losses"], eight["losses"], strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a), (a, b)
+    for ra, rb in zip(one["R"], eight["R"], strict=True):
+        for a, b in zip(ra, rb, strict=True):
+            assert abs(a - b) <= 1e-5 * max(abs(a), 1e-3), (a, b)
+    assert eight["compiles_per_phase"][1:] == [0]

@@ -1,0 +1,178 @@
+"""End to end through ``train.run`` and the CLI on tiny streams: results, resume, bad runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from clseg_jax import checkpoint, train
+from tests import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_FLAGS = [
+    "--config.data.image_size=32",
+    "--config.data.test_per_exp=16",
+    "--config.model.kwargs.widths=(8,16)",
+    "--config.batch_size=8",
+    "--config.eval_batch_size=16",
+    "--config.epochs=1",
+    "--config.log_every_steps=1",
+    "--config.progress=False",
+    "--config.log.tensorboard=False",
+]
+
+
+def _cli(args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "clseg_jax.main", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def _read(workdir, step=None):
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        return ckpt.read(step)
+    finally:
+        ckpt.close()
+
+
+@pytest.fixture(scope="module")
+def naive_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("naive"))
+    return workdir, train.run(tiny.config(), workdir)
+
+
+def test_results_json_has_every_field(naive_run):
+    workdir, _ = naive_run
+    on_disk = json.load(open(os.path.join(workdir, "results.json")))
+    R = np.array(on_disk["accuracy_matrix"], float)
+    assert R.shape == (4, 4)
+    assert len(on_disk["initial_row"]) == 4
+    np.testing.assert_allclose(on_disk["avg_miou"], R[-1].mean())
+    forgetting = np.mean([R[:-1, j].max() - R[-1, j] for j in range(3)])
+    np.testing.assert_allclose(on_disk["forgetting"], forgetting)
+    np.testing.assert_allclose(on_disk["bwt"], np.mean([R[-1, j] - R[j, j] for j in range(3)]))
+    fwt = np.mean([R[j - 1, j] - on_disk["initial_row"][j] for j in range(1, 4)])
+    np.testing.assert_allclose(on_disk["fwt"], fwt)
+    assert len(on_disk["per_class_iou"]) == 4 and set(on_disk["per_class_iou"][0]) <= set("01234")
+    for key in ("train_s", "train_steps", "compile_s", "strategy_s", "eval_s", "compile_count"):
+        assert key in on_disk["timing"], key
+    assert on_disk["timing"]["train_steps"] == 4 * 4
+    assert on_disk["config"]["strategy"]["name"] == "naive"
+    for name in ("accuracy_matrix.png", "curves.png", "metrics.jsonl"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0
+    # Learning happened: the diagonal beats the untrained model.
+    assert np.mean(np.diag(R)) > np.mean(on_disk["initial_row"]) + 0.05
+
+
+def test_nothing_compiles_after_the_first_experience(naive_run):
+    _, results = naive_run
+    per_phase = results["timing"]["compiles_per_phase"]
+    assert len(per_phase) == 4 and per_phase[0] >= 0
+    # Train step, eval step, hooks and host glue: all compiled before or in the first phase.
+    assert per_phase[1:] == [0, 0, 0], per_phase
+    assert results["timing"]["compile_count"] >= 2  # at least the train and eval steps
+
+
+def test_joint_has_one_row(tmp_path):
+    results = train.run(
+        tiny.config(**{"strategy.name": "joint", "data.num_experiences": 2}), str(tmp_path)
+    )
+    assert np.array(results["accuracy_matrix"]).shape == (1, 2)
+    assert results["forgetting"] is None and results["bwt"] is None
+    assert results["timing"]["train_steps"] == 8
+
+
+def test_rerun_on_finished_workdir_resumes_instead_of_retraining(naive_run):
+    workdir, results = naive_run
+    again = train.run(tiny.config(), workdir)
+    assert again["accuracy_matrix"] == results["accuracy_matrix"]
+    assert again["timing"]["train_steps"] == results["timing"]["train_steps"]
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(naive_run, tmp_path):
+    ref_dir, ref = naive_run
+    workdir = str(tmp_path / "killed")
+    # 4 steps per experience; periodic checkpoints at step 2 of each experience. Killed at global
+    # step 7: after the mid-experience checkpoint at step 6 and one un-checkpointed step.
+    args = [
+        "--config=configs/shapes_di.py:train_per_exp=32",
+        f"--workdir={workdir}",
+        *TINY_FLAGS,
+        "--config.checkpoint_every_steps=2",
+        "--config.debug.kill_at_step=7",
+    ]
+    proc = _cli(args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert max(x["step"] for x in lines) == 7
+    _, latest = _read(workdir)
+    assert latest["phase"] == 1 and latest["step_in_phase"] == 2  # mid-experience
+
+    resumed = train.run(tiny.config(), workdir)
+    np.testing.assert_allclose(resumed["accuracy_matrix"], ref["accuracy_matrix"], atol=1e-6)
+    a, b = _read(ref_dir)[0], _read(workdir)[0]
+    for x, y in zip(jax.tree.leaves(a["state"]), jax.tree.leaves(b["state"]), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+def test_sigterm_saves_then_exits_cleanly(tmp_path):
+    workdir = str(tmp_path)
+    args = ["--config=configs/shapes_di.py:train_per_exp=256", f"--workdir={workdir}", *TINY_FLAGS]
+    proc = _cli(args)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    _, meta = _read(workdir)
+    assert meta["phase"] < 4 and not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_non_finite_loss_stops_and_keeps_only_finite_checkpoints(tmp_path):
+    cfg = tiny.config(**{"optimizer.lr": 1e30, "checkpoint_every_steps": 1})
+    with pytest.raises(train.NonFiniteLossError, match=r"step \d+ \(phase 0, experience"):
+        train.run(cfg, str(tmp_path))
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+    steps = ckpt.steps()
+    ckpt.close()
+    assert steps, "the steps before the overflow were checkpointed"
+    for step in steps:
+        arrays, _ = _read(str(tmp_path), step)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(arrays))
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.strategy.name=foo", "unknown strategy 'foo'; valid: ['cumulative', 'joint'"),
+        ("--config.data.name=voc", "unknown dataset 'voc'; valid: ["),
+        ("--config.model.name=vgg", "unknown model 'vgg'; valid: ['unet']"),
+    ],
+)
+def test_unknown_names_give_one_line_errors(flag, message, tmp_path):
+    proc = _cli(["--config=configs/shapes_di.py", f"--workdir={tmp_path}", flag])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    last = err.strip().splitlines()[-1]
+    assert message in last, err[-1500:]
