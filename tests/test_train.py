@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -51,10 +52,16 @@ def _read(workdir, step=None):
         ckpt.close()
 
 
+HAVE_TB = importlib.util.find_spec("tensorboardX") is not None
+HAVE_WANDB = importlib.util.find_spec("wandb") is not None
+
+
 @pytest.fixture(scope="module")
 def naive_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("naive"))
-    return workdir, train.run(tiny.config(), workdir)
+    # The optional writers are on where installed (CI installs them) so their paths run too.
+    cfg = tiny.config(**{"log.tensorboard": HAVE_TB, "log.wandb": HAVE_WANDB})
+    return workdir, train.run(cfg, workdir)
 
 
 def test_results_json_has_every_field(naive_run):
@@ -76,6 +83,13 @@ def test_results_json_has_every_field(naive_run):
     assert on_disk["config"]["strategy"]["name"] == "naive"
     for name in ("accuracy_matrix.png", "curves.png", "metrics.jsonl"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert sum("train/loss" in x for x in lines) == 16  # log_every_steps=1
+    if HAVE_TB:
+        events = os.listdir(os.path.join(workdir, "tb"))
+        assert any(e.startswith("events.out.tfevents") for e in events)
+    if HAVE_WANDB:
+        assert os.path.isdir(os.path.join(workdir, "wandb"))
     # Learning happened: the diagonal beats the untrained model.
     assert np.mean(np.diag(R)) > np.mean(on_disk["initial_row"]) + 0.05
 
