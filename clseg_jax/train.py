@@ -162,7 +162,8 @@ class _Run:
         self.graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         params, batch_stats = params.to_pure_dict(), batch_stats.to_pure_dict()
         self.forward = step_lib.make_forward(self.graphdef)
-        self.strategy = strategies.make(config.strategy, self.forward, self.stream.num_classes)
+        env = base.Env(self.forward, self.stream.num_classes, len(self.stream.experiences))
+        self.strategy = strategies.make(config.strategy, env)
         self.phases = _phases(self.stream, self.strategy.schedule(len(self.stream.experiences)))
         self.mesh = sharding.make_mesh(config.sharding.mesh)
         self._rules = config.sharding.param_rules

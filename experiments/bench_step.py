@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clseg_jax import losses, models, sharding, strategies
 from clseg_jax import step as step_lib
 from clseg_jax import train as train_lib
+from clseg_jax.strategies import base
 from configs import npz as npz_config
 
 GFLOP_PER_TRAIN_IMAGE = 0.868  # BENCHMARKS.md W1, analytic (forward 0.2905)
@@ -115,7 +116,7 @@ def bench_naive(cfg, batch_size: int, size: int, steps: int, warmup: int):
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, stats = params.to_pure_dict(), stats.to_pure_dict()
     forward = step_lib.make_forward(graphdef)
-    strategy = strategies.make(cfg.strategy, forward, NUM_CLASSES)
+    strategy = strategies.make(cfg.strategy, base.Env(forward, NUM_CLASSES, 4))
     tx = step_lib.make_optimizer(cfg.optimizer, 1000)
     mesh = sharding.make_mesh(cfg.sharding.mesh)
     state = step_lib.TrainState(params, stats, tx.init(params), jnp.array(0, jnp.int32))

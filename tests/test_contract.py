@@ -18,6 +18,7 @@ from clseg_jax import checkpoint, data, models, sharding, strategies
 from clseg_jax import step as step_lib
 from clseg_jax import train as train_lib
 from clseg_jax.data import loader
+from clseg_jax.strategies import base
 from tests import tiny
 
 
@@ -59,7 +60,8 @@ def test_strategy_contract(name, setup, tmp_path):
     cfg = cfg.copy_and_resolve_references()
     cfg.strategy.name = name
     forward = step_lib.make_forward(graphdef)
-    strategy = strategies.make(cfg.strategy, forward, stream.num_classes)
+    env = base.Env(forward, stream.num_classes, len(stream.experiences))
+    strategy = strategies.make(cfg.strategy, env)
     tx = step_lib.make_optimizer(cfg.optimizer, 4)
     mesh = sharding.make_mesh((("data", -1),))
     params, stats = jax.tree.map(jnp.copy, (params, stats))  # the step donates its inputs

@@ -1,7 +1,8 @@
 """Strategy registry. ``config.strategy.name`` is one name or several joined by '+' (chained).
 
-Every factory has the signature ``make(cfg, forward, num_classes) -> base.Strategy`` where ``cfg``
-is the whole ``config.strategy`` ConfigDict (each method reads its own fields).
+Every factory has the signature ``make(cfg, env) -> base.Strategy`` where ``cfg`` is the whole
+``config.strategy`` ConfigDict (each method reads its own prefixed fields, e.g. ``ewc_lambda``) and
+``env`` a ``base.Env`` (forward function, class count, stream length).
 """
 
 from __future__ import annotations
@@ -28,6 +29,6 @@ def names(spec: str) -> list[str]:
     return parts
 
 
-def make(cfg: ml_collections.ConfigDict, forward: base.Forward, num_classes: int) -> base.Strategy:
+def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     """Builds ``config.strategy.name`` (chaining '+'-joined names)."""
-    return base.chain(*(STRATEGIES[n](cfg, forward, num_classes) for n in names(cfg.name)))
+    return base.chain(*(STRATEGIES[n](cfg, env) for n in names(cfg.name)))

@@ -80,6 +80,21 @@ class LossInputs(NamedTuple):
     class_mask: jax.Array
 
 
+class Env(NamedTuple):
+    """What a strategy factory may know about the run: ``make(cfg, env) -> Strategy``.
+
+    Attributes:
+      forward: the model's pure forward function.
+      num_classes: size of the model head (the stream's label set, background included).
+      num_experiences: length of the stream (an upper bound on the number of phases), for
+        strategies that keep one fixed-size slot per experience.
+    """
+
+    forward: Forward
+    num_classes: int
+    num_experiences: int
+
+
 def _init(params, batch_stats):
     del params, batch_stats
     return ()

@@ -10,6 +10,6 @@ import ml_collections
 from clseg_jax.strategies import base
 
 
-def make(cfg: ml_collections.ConfigDict, forward: base.Forward, num_classes: int) -> base.Strategy:
-    del cfg, forward, num_classes
+def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
+    del cfg, env
     return base.Strategy()

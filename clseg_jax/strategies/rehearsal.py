@@ -21,15 +21,11 @@ def cumulative_schedule(num_experiences: int) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(range(i + 1)) for i in range(num_experiences))
 
 
-def make_joint(
-    cfg: ml_collections.ConfigDict, forward: base.Forward, num_classes: int
-) -> base.Strategy:
-    del cfg, forward, num_classes
+def make_joint(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
+    del cfg, env
     return base.Strategy(schedule=joint_schedule)
 
 
-def make_cumulative(
-    cfg: ml_collections.ConfigDict, forward: base.Forward, num_classes: int
-) -> base.Strategy:
-    del cfg, forward, num_classes
+def make_cumulative(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
+    del cfg, env
     return base.Strategy(schedule=cumulative_schedule)
