@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from clseg_jax import strategies
+
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """Parses ``"strategy=naive,seed=1"`` into a ConfigDict, typed like the defaults.
@@ -34,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(
         {"name": "unet", "kwargs": {"widths": (16, 32, 64, 128), "norm": "batch"}}
     )
-    c.strategy = ml_collections.ConfigDict({"name": "naive"})
+    c.strategy = ml_collections.ConfigDict({"name": "naive", **strategies.default_hparams()})
     c.optimizer = ml_collections.ConfigDict(
         {
             "name": "sgd",

@@ -2,22 +2,39 @@
 
 Every factory has the signature ``make(cfg, env) -> base.Strategy`` where ``cfg`` is the whole
 ``config.strategy`` ConfigDict (each method reads its own prefixed fields, e.g. ``ewc_lambda``) and
-``env`` a ``base.Env`` (forward function, class count, stream length).
+``env`` a ``base.Env`` (forward function, class count, stream length). Each strategy module
+declares its hyperparameters with their defaults in ``DEFAULTS``; ``default_hparams`` merges them
+into every config, so any of them can be overridden with ``--config.strategy.<field>=<value>``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
 from clseg_jax.strategies import base, naive, rehearsal
+
+# Modules whose DEFAULTS go into config.strategy.
+MODULES = (naive, rehearsal)
 
 STRATEGIES: dict[str, Callable[..., base.Strategy]] = {
     "naive": naive.make,
     "joint": rehearsal.make_joint,
     "cumulative": rehearsal.make_cumulative,
 }
+
+
+def default_hparams() -> dict[str, Any]:
+    """Every strategy's hyperparameters with their defaults (names are prefixed per method)."""
+    out: dict[str, Any] = {}
+    for module in MODULES:
+        for key, value in getattr(module, "DEFAULTS", {}).items():
+            if key in out:
+                raise ValueError(f"hyperparameter {key!r} declared by two strategies")
+            out[key] = value
+    return out
 
 
 def names(spec: str) -> list[str]:
