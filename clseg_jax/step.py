@@ -124,11 +124,20 @@ def make_train_step(
         def parts(p):
             return loss_parts(p, state.batch_stats, batch, sstate, k_loss, class_mask)
 
-        (total, task), pullback, (new_stats, inputs) = jax.vjp(parts, state.params, has_aux=True)
-        one, zero = jnp.ones_like(total), jnp.zeros_like(total)
+        (data_loss, task), pullback, (new_stats, inputs) = jax.vjp(
+            parts, state.params, has_aux=True
+        )
+        one, zero = jnp.ones_like(task), jnp.zeros_like(task)
         (grads,) = pullback((one, zero))
-        # SI-like methods need d(task)/d(params) alone: a second backward pass, paid only by them.
-        task_grads = pullback((zero, one))[0] if strategy.needs_task_grads else None
+        task_grads = None
+        if strategy.needs_task_grads:
+            # Without a data-dependent strategy loss the data gradient *is* the task gradient;
+            # otherwise SI-like methods pay a second backward pass for it.
+            task_grads = pullback((zero, one))[0] if base.has_data_loss(strategy) else grads
+        # Parameter-only penalties (EWC, SI, MAS): elementwise, so their gradient is cheap.
+        pen, pen_grads = jax.value_and_grad(lambda p: strategy.penalty(p, sstate)[0])(state.params)
+        total = data_loss + pen
+        grads = jax.tree.map(jnp.add, grads, pen_grads)
         grads = strategy.transform_grads(grads, inputs, sstate, k_grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -103,6 +103,36 @@ def test_task_grads_exclude_the_penalty(parts):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
 
 
+def test_parameter_penalty_adds_its_gradient_and_leaves_task_grads_alone(parts):
+    forward, params, stats, batch = parts
+    anchor = jax.tree.map(lambda p: p + 1.0, params)
+
+    def penalty(p, sstate):
+        return 0.5 * sum(
+            jnp.sum((a - b) ** 2)
+            for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(anchor), strict=True)
+        ), {}
+
+    strategy = base.Strategy(
+        init=lambda p, s: jax.tree.map(jnp.zeros_like, p),
+        penalty=penalty,
+        on_step=lambda sstate, task_grads, old, new: task_grads,
+        needs_task_grads=True,
+    )
+    assert not base.has_data_loss(strategy)  # so no second backward pass is compiled
+    new_state, recorded, metrics, _ = _run(strategy, parts)
+    task_grads = jax.grad(lambda p: _ce(forward, p, stats, batch)[0])(params)
+    for a, b in zip(jax.tree.leaves(recorded), jax.tree.leaves(task_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+    # The update used task gradient + penalty gradient (p - anchor = -1 everywhere).
+    expected = jax.tree.map(lambda p, g: p - 0.1 * (g - 1.0), params, task_grads)
+    for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    ce, _ = _ce(forward, params, stats, batch)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    np.testing.assert_allclose(float(metrics.compute()["loss"]), float(ce) + 0.5 * n, rtol=1e-5)
+
+
 def test_transform_grads_controls_the_update(parts):
     _, params, _, _ = parts
     strategy = base.Strategy(

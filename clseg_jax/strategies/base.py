@@ -12,6 +12,7 @@ trainer calls them:
             batch = prepare_batch(batch, sstate, key)        # replay / synthetic rows
             outputs = model(batch, train=True)               # ONE forward with BN update
             loss, metrics = loss(LossInputs, sstate, key)    # added to the task CE, or replaces it
+            pen, metrics = penalty(params, sstate)           # parameter-only (EWC, SI, MAS)
             grads = transform_grads(grads, LossInputs, sstate, key)           # GEM, A-GEM, PPI
             sstate = on_step(sstate, task_grads, old_params, new_params)      # SI path integral
         sstate = after_phase(params, batch_stats, sstate, phase)              # Fisher, memory
@@ -19,8 +20,10 @@ trainer calls them:
 
 A strategy that needs a frozen previous model keeps its parameters in ``sstate`` and calls the
 ``forward`` it was built with in eval mode (``train=False``), which reads running statistics and
-updates none. ``needs_task_grads`` asks the trainer for the gradient of the task loss alone (a
-second backward pass; only SI-like methods pay for it). ``chain`` composes strategies.
+updates none. Regularisers that depend on the parameters alone go in ``penalty``: their gradient is
+taken apart from the data backward pass, so ``needs_task_grads`` (SI, RWalk) costs nothing extra
+unless some strategy also adds a data-dependent ``loss`` (then a second backward pass gives the
+task gradient). ``chain`` composes strategies.
 """
 
 from __future__ import annotations
@@ -115,6 +118,11 @@ def _loss(inputs, sstate, key):
     return 0.0, {}
 
 
+def _penalty(params, sstate):
+    del params, sstate
+    return 0.0, {}
+
+
 def _transform_grads(grads, inputs, sstate, key):
     del inputs, sstate, key
     return grads
@@ -130,6 +138,11 @@ def _after_phase(params, batch_stats, sstate, phase):
     return sstate
 
 
+def has_data_loss(strategy: Strategy) -> bool:
+    """Whether ``strategy.loss`` adds anything to (or replaces) the task loss."""
+    return strategy.loss is not _loss
+
+
 def one_per_experience(num_experiences: int) -> tuple[tuple[int, ...], ...]:
     """The default schedule: phase i trains on experience i alone."""
     return tuple((i,) for i in range(num_experiences))
@@ -143,6 +156,7 @@ class Strategy(NamedTuple):
       before_phase(params, batch_stats, SState, Phase) -> (params, SState)        host side
       prepare_batch(Batch, SState, key) -> Batch                                   in jit
       loss(LossInputs, SState, key) -> (scalar, dict[str, scalar])                 in jit
+      penalty(params, SState) -> (scalar, dict[str, scalar])                       in jit
       transform_grads(grads, LossInputs, SState, key) -> grads                     in jit
       on_step(SState, task_grads, old_params, new_params) -> SState                in jit
       after_phase(params, batch_stats, SState, Phase) -> SState                    host side
@@ -155,6 +169,7 @@ class Strategy(NamedTuple):
     before_phase: Callable = _before_phase
     prepare_batch: Callable = _prepare_batch
     loss: Callable = _loss
+    penalty: Callable = _penalty
     transform_grads: Callable = _transform_grads
     on_step: Callable = _on_step
     after_phase: Callable = _after_phase
@@ -204,6 +219,14 @@ def chain(*strategies: Strategy) -> Strategy:
         # With a replacer, ``total`` is its objective plus the others' penalties.
         return total, metrics
 
+    def penalty(params, sstate):
+        total, metrics = 0.0, {}
+        for s, st in zip(strategies, sstate, strict=True):
+            value, m = s.penalty(params, st)
+            total = total + value
+            metrics.update(m)
+        return total, metrics
+
     def transform_grads(grads, inputs, sstate, key):
         keys = jax.random.split(key, len(strategies))
         for s, st, k in zip(strategies, sstate, keys, strict=True):
@@ -226,7 +249,10 @@ def chain(*strategies: Strategy) -> Strategy:
         init=init,
         before_phase=before_phase,
         prepare_batch=prepare_batch,
-        loss=loss,
+        # Keep the default when no member adds a data loss: the trainer then reuses the data
+        # gradient as the task gradient (see has_data_loss).
+        loss=loss if any(has_data_loss(s) for s in strategies) else _loss,
+        penalty=penalty,
         transform_grads=transform_grads,
         on_step=on_step,
         after_phase=after_phase,
