@@ -114,7 +114,7 @@ def test_domains_differ_in_pixel_statistics():
 
 
 def test_domain_stream_cycles_looks_beyond_defined():
-    stream = shapes.make_domain(_cfg(num_experiences=len(shapes.LOOKS) + 1))
+    stream = shapes.make_domain(_cfg(num_experiences=len(shapes.DOMAINS) + 1))
     names = [e.name for e in stream.experiences]
     assert len(set(names)) == len(names)
     assert names[-1].startswith(names[0])

@@ -189,7 +189,7 @@ class _Look:
     noise: float = 0.0  # std of additive Gaussian pixel noise (in [0,1] units)
 
 
-LOOKS: tuple[_Look, ...] = (
+DOMAINS: tuple[_Look, ...] = (
     _Look("plain", bg_sat=(0.0, 0.15), bg_val=(0.85, 1.0), fg_sat=(0.6, 1.0), fg_val=(0.45, 0.9)),
     _Look(
         "dark_striped",
@@ -204,9 +204,9 @@ LOOKS: tuple[_Look, ...] = (
     _Look(
         "blurred_noisy",
         bg_sat=(0.3, 0.7),
-        bg_val=(0.35, 0.65),
-        fg_sat=(0.4, 1.0),
-        fg_val=(0.3, 1.0),
+        bg_val=(0.2, 0.45),
+        fg_sat=(0.3, 0.9),
+        fg_val=(0.7, 1.0),
         hue_offset=(0.25, 0.75),
         blur=1 / 32,
         noise=0.1,
@@ -346,15 +346,15 @@ def _sources(
 
 
 def make_domain(cfg: ml_collections.ConfigDict) -> base.Stream:
-    """Domain-incremental shapes: ``num_experiences`` looks (``LOOKS`` in order, cycled if more)."""
+    """Domain-incremental shapes: ``num_experiences`` looks (``DOMAINS`` in order, cycled)."""
     size, n_train, n_test, seed, max_shapes = _common(cfg)
     num_exp = _int_cfg(cfg, "num_experiences", 4, 1)
     all_classes = tuple(range(NUM_CLASSES))
     exps = []
     for t in range(num_exp):
-        look = LOOKS[t % len(LOOKS)]
-        # Beyond len(LOOKS) the looks repeat with fresh random draws; the suffix keeps names unique.
-        name = look.name if t < len(LOOKS) else f"{look.name}_{t // len(LOOKS) + 1}"
+        look = DOMAINS[t % len(DOMAINS)]
+        # Past len(DOMAINS) looks repeat with fresh random draws; the suffix keeps names unique.
+        name = look.name if t < len(DOMAINS) else f"{look.name}_{t // len(DOMAINS) + 1}"
         train, test = _sources(
             seed, _DOMAIN_STREAM, t, size, n_train, n_test, max_shapes, look, f"shapes_di/{name}"
         )
@@ -377,7 +377,7 @@ def make_class(cfg: ml_collections.ConfigDict) -> base.Stream:
             n_train,
             n_test,
             max_shapes,
-            LOOKS[0],
+            DOMAINS[0],
             f"shapes_ci/{name}",
             top_classes=step,
         )
