@@ -10,6 +10,7 @@ import logging as std_logging
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -24,6 +25,10 @@ def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
     workdir = _WORKDIR.value
+    cache = config.get("compilation_cache_dir")
+    if cache and not jax.config.jax_compilation_cache_dir:  # an explicit JAX setting wins
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     if config.get("compare"):
         rows = {}
         for name in config.compare:

@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 import tqdm
 from absl import logging
-from flax import nnx
 
 from clseg_jax import checkpoint, data, evaluate, models, report, sharding, strategies, writers
 from clseg_jax import metrics as metrics_lib
@@ -158,9 +157,9 @@ class _Run:
         self.compile_events = compile_events
         os.makedirs(self.workdir, exist_ok=True)
         self.stream = data.make(config.data)
-        model = models.make(config.model, self.stream.num_classes, seed=config.seed)
-        self.graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-        params, batch_stats = params.to_pure_dict(), batch_stats.to_pure_dict()
+        self.graphdef, params, batch_stats = models.init(
+            config.model, self.stream.num_classes, seed=config.seed
+        )
         self.forward = step_lib.make_forward(self.graphdef)
         env = base.Env(self.forward, self.stream.num_classes, len(self.stream.experiences))
         self.strategy = strategies.make(config.strategy, env)

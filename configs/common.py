@@ -62,4 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Strategies run one after another into <workdir>/<name>/ with a comparison table.
     c.compare = ()
     c.debug = ml_collections.ConfigDict({"kill_at_step": -1})  # fault injection (resume test)
+    # XLA executables persist here across runs (the CLI sets it; "" disables): a rerun, a resume
+    # or another strategy's run of the same model skips most compilation.
+    c.compilation_cache_dir = "~/.cache/clseg_jax/xla"
     return c

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -83,9 +82,7 @@ def _batch(batch_size: int, size: int):
 
 
 def bench_bare(cfg, batch_size: int, size: int, steps: int, warmup: int):
-    model = models.make(cfg.model, NUM_CLASSES, seed=0)
-    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    params, stats = params.to_pure_dict(), stats.to_pure_dict()
+    graphdef, params, stats = models.init(cfg.model, NUM_CLASSES, seed=0)
     forward = step_lib.make_forward(graphdef)
     tx = optax.sgd(0.01, momentum=0.9)
 
@@ -112,9 +109,7 @@ def bench_bare(cfg, batch_size: int, size: int, steps: int, warmup: int):
 
 
 def bench_naive(cfg, batch_size: int, size: int, steps: int, warmup: int):
-    model = models.make(cfg.model, NUM_CLASSES, seed=0)
-    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    params, stats = params.to_pure_dict(), stats.to_pure_dict()
+    graphdef, params, stats = models.init(cfg.model, NUM_CLASSES, seed=0)
     forward = step_lib.make_forward(graphdef)
     strategy = strategies.make(cfg.strategy, base.Env(forward, NUM_CLASSES, 4))
     tx = step_lib.make_optimizer(cfg.optimizer, 1000)
@@ -182,10 +177,7 @@ def main() -> None:
             f"{which:6s} {ips:7.1f} images/s  {med * 1e3:7.1f} ms/step  compile {compile_s:5.1f} s"
             f"  {gflops:6.1f} GFLOP/s = {gflops / peak:.0%} of matmul peak"
         )
-    params = sum(
-        x.size
-        for x in jax.tree.leaves(nnx.state(models.make(cfg.model, NUM_CLASSES, 0), nnx.Param))
-    )
+    params = sum(x.size for x in jax.tree.leaves(models.init(cfg.model, NUM_CLASSES, 0)[1]))
     out = {
         "workload": "W1 unet64 train step",
         "batch": args.batch,

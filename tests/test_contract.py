@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from clseg_jax import checkpoint, data, models, sharding, strategies
 from clseg_jax import step as step_lib
@@ -49,9 +48,8 @@ def setup():
     cfg = tiny.config()
     cfg.data.num_experiences = 3
     stream = data.make(cfg.data)
-    model = models.make(cfg.model, stream.num_classes, seed=0)
-    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return cfg, stream, graphdef, params.to_pure_dict(), stats.to_pure_dict()
+    graphdef, params, stats = models.init(cfg.model, stream.num_classes, seed=0)
+    return cfg, stream, graphdef, params, stats
 
 
 @pytest.mark.parametrize("name", sorted(strategies.STRATEGIES))
