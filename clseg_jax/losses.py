@@ -36,3 +36,29 @@ def pixel_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     valid = (labels != IGNORE) & (labels < logits.shape[-1])
     hit = (jnp.argmax(logits, axis=-1) == labels) & valid
     return jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def distillation(
+    new_logits: jax.Array, old_logits: jax.Array, class_mask: jax.Array, temperature: float
+) -> jax.Array:
+    """Knowledge distillation (Hinton et al. 2015; LwF, Li & Hoiem 2016). Returns a scalar.
+
+    ``T^2 * mean_pixels KL(softmax(old / T) || softmax(new / T))`` where both softmaxes run over
+    the classes in ``class_mask`` (``bool [K]``, the classes the old model knew) only; the other
+    classes contribute nothing, whatever their logits (e.g. ``NEG`` from ``mask_logits``). The
+    ``T^2`` keeps the gradient's scale independent of the temperature.
+
+    The mean runs over *every* pixel, labels 255 included: the old model's prediction is defined
+    on all of them and the labels play no part in distillation. With an empty mask the loss is 0.
+    """
+    t = jnp.asarray(temperature, jnp.float32)
+
+    def log_probs(logits):
+        scaled = jnp.where(class_mask, logits.astype(jnp.float32) / t, NEG)
+        return jax.nn.log_softmax(scaled, axis=-1)
+
+    logp_old, logp_new = log_probs(old_logits), log_probs(new_logits)
+    # ``where``, not a product with zero probabilities: exact zeros for masked classes, and no
+    # NEG - NEG cancellation in the forward or backward pass.
+    kl = jnp.sum(jnp.where(class_mask, jnp.exp(logp_old) * (logp_old - logp_new), 0.0), axis=-1)
+    return t**2 * jnp.mean(kl)

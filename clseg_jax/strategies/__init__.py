@@ -14,15 +14,21 @@ from typing import Any
 
 import ml_collections
 
-from clseg_jax.strategies import base, naive, rehearsal
+from clseg_jax.strategies import base, ewc, lfl, lwf, mas, naive, rehearsal, rwalk, si
 
 # Modules whose DEFAULTS go into config.strategy.
-MODULES = (naive, rehearsal)
+MODULES = (naive, rehearsal, si, lwf, lfl, ewc, mas, rwalk)
 
 STRATEGIES: dict[str, Callable[..., base.Strategy]] = {
     "naive": naive.make,
     "joint": rehearsal.make_joint,
     "cumulative": rehearsal.make_cumulative,
+    "si": si.make,
+    "lwf": lwf.make,
+    "lfl": lfl.make,
+    "ewc": ewc.make,
+    "mas": mas.make,
+    "rwalk": rwalk.make,
 }
 
 

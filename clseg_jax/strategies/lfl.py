@@ -1,0 +1,84 @@
+"""Less-Forgetful Learning (Jung, Ju, Jung & Kim, "Less-forgetting Learning in Deep Neural
+Networks", arXiv:1607.00122, 2016) for dense prediction.
+
+The model trained on the previous phases is frozen; the current model's bottleneck features are
+kept close to its features on the new data::
+
+    loss = task CE + active * lambda * mean_{b, y, x} sum_c (f(x)[b,y,x,c] - f_old(x)[b,y,x,c])^2
+
+Normalisation: Jung et al. penalise the squared Euclidean distance between the two feature
+*vectors* of an example; in a dense bottleneck ``[B, h, w, C]`` every position holds such a vector,
+so the distance is summed over channels and averaged over positions and the batch, which keeps
+``lambda`` independent of the image size and batch size (it still scales with the width ``C``).
+The default ``lambda = 0.1`` puts a unit drift of a 16-128-channel BatchNorm+ReLU bottleneck at
+the scale of the cross-entropy; tune it per model.
+
+The old model runs in eval mode (running statistics, no BatchNorm update, no gradient) inside the
+compiled step; only its encoder is live, XLA drops the unused decoder. With
+``lfl_freeze_head=True`` the classifier head (``params["head"]``) gets zero gradients once a phase
+has finished, as the paper freezes the softmax layer. Note that only the gradient is zeroed: weight
+decay applied by the optimizer after ``transform_grads``, or momentum carried over from an earlier
+phase when ``optimizer.reset_per_phase`` is off, would still move it.
+
+State: a ``snapshot.Snapshot`` (a copy of the parameters and batch statistics, ``class_mask
+bool [K]`` unused here, ``active float32 []``), inactive until the first phase ends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from clseg_jax.strategies import base, snapshot
+
+PyTree = Any
+
+DEFAULTS = {"lfl_lambda": 0.1, "lfl_freeze_head": False}
+
+
+def feature_distance(new: jax.Array, old: jax.Array) -> jax.Array:
+    """Mean over batch and positions of the squared L2 distance over channels ``[B,h,w,C]``."""
+    diff = new.astype(jnp.float32) - old.astype(jnp.float32)
+    return jnp.mean(jnp.sum(diff**2, axis=-1))
+
+
+def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
+    lam, freeze_head = float(cfg.lfl_lambda), bool(cfg.lfl_freeze_head)
+
+    def init(params: PyTree, batch_stats: PyTree) -> snapshot.Snapshot:
+        return snapshot.empty(params, batch_stats, env.num_classes)
+
+    def loss(
+        inputs: base.LossInputs, snap: snapshot.Snapshot, key: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        del key
+        old = snapshot.outputs(env.forward, snap, inputs.batch["image"])
+        value = snap.active * lam * feature_distance(inputs.outputs["features"], old["features"])
+        return value, {"lfl": value}
+
+    def transform_grads(
+        grads: PyTree, inputs: base.LossInputs, snap: snapshot.Snapshot, key: jax.Array
+    ) -> PyTree:
+        del inputs, key
+        if "head" not in grads:
+            raise ValueError("lfl_freeze_head: the model has no params['head'] to freeze")
+        # A product, not a branch: one compiled step serves the first phase and the later ones.
+        keep = 1.0 - snap.active
+        head = jax.tree.map(lambda g: g * keep.astype(g.dtype), grads["head"])
+        return {**grads, "head": head}
+
+    def after_phase(
+        params: PyTree, batch_stats: PyTree, snap: snapshot.Snapshot, phase: base.Phase
+    ) -> snapshot.Snapshot:
+        del snap
+        return snapshot.take(params, batch_stats, phase.class_mask)
+
+    return base.Strategy(
+        init=init,
+        loss=loss,
+        transform_grads=transform_grads if freeze_head else base.Strategy().transform_grads,
+        after_phase=after_phase,
+    )
