@@ -147,7 +147,8 @@ def plot_accuracy_matrix(
             # Dark text on the bright end of viridis and on blank (NaN) cells, light elsewhere.
             light = not np.isfinite(v) or v / vmax > 0.6
             ax.text(j, i, text, ha="center", va="center", color="black" if light else "white")
-    ax.set_xticks(range(t), col_labels)
+    # Experience names are long: tilt them so neighbouring columns do not overlap.
+    ax.set_xticks(range(t), col_labels, rotation=30, ha="right")
     ax.set_yticks(range(rows), row_labels)
     ax.set_xlabel("evaluated on experience j")
     ax.set_ylabel("after training on experience i")

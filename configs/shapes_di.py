@@ -1,7 +1,8 @@
 """Domain-incremental procedural shapes with the W1 UNet: the default demo.
 
 Four domains (plain, dark striped, blurred noisy, low contrast) of the same 5 classes
-(background, circle, square, triangle, cross), 64x64, 512 training images per domain.
+(background, circle, square, triangle, cross), 32x32, 1,024 training and 128 test images per
+domain, 4 epochs of batch 32 (128 steps per domain), Adam 3e-3, W1's UNet (482,805 parameters).
 
 Demo (naive fine-tuning against joint training; what `make demo` runs):
   python -m clseg_jax.main --config=configs/shapes_di.py:compare --workdir=runs/demo
@@ -9,7 +10,8 @@ Demo (naive fine-tuning against joint training; what `make demo` runs):
 One strategy:
   python -m clseg_jax.main --config=configs/shapes_di.py:strategy=naive --workdir=runs/shapes_naive
 
-Result (2-core CPU, seed 0): see README "Quick start" for the table this printed.
+Result of the demo (2-core CPU, seed 0): naive avg mIoU 0.323, forgetting 0.258, BWT -0.258,
+FWT 0.097, mean diag 0.516; joint avg mIoU 0.355 (4 min 11 s for both, shared CPU).
 """
 
 from __future__ import annotations
@@ -20,15 +22,21 @@ EXAMPLE_ARGS = (None, "compare", "strategy=cumulative")
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, strategy="naive", compare=False, seed=0, train_per_exp=512)
+    a = common.parse_arg(arg, strategy="naive", compare=False, seed=0, train_per_exp=1024)
     c = common.base_config()
     c.seed = a.seed
     c.data.name = "shapes_di"
     c.data.seed = a.seed
-    c.data.image_size = 64
+    # 32x32 keeps the demo within minutes on 2 CPU cores; the model is W1's UNet.
+    c.data.image_size = 32
     c.data.num_experiences = 4
     c.data.train_per_exp = a.train_per_exp
     c.data.test_per_exp = 128
+    c.epochs = 4
+    # Adam learns these shapes in ~100 steps per domain, where W1's SGD needs several hundred.
+    c.optimizer.name = "adam"
+    c.optimizer.lr = 3e-3
+    c.optimizer.momentum = 0.0
     c.strategy.name = a.strategy
     c.compare = ("naive", "joint") if a.compare else ()
     return c

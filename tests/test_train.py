@@ -24,7 +24,7 @@ TINY_FLAGS = [
     "--config.model.kwargs.widths=(8,16)",
     "--config.batch_size=8",
     "--config.eval_batch_size=16",
-    "--config.epochs=1",
+    "--config.epochs=4",
     "--config.log_every_steps=1",
     "--config.progress=False",
     "--config.log.tensorboard=False",
@@ -79,12 +79,12 @@ def test_results_json_has_every_field(naive_run):
     assert len(on_disk["per_class_iou"]) == 4 and set(on_disk["per_class_iou"][0]) <= set("01234")
     for key in ("train_s", "train_steps", "compile_s", "strategy_s", "eval_s", "compile_count"):
         assert key in on_disk["timing"], key
-    assert on_disk["timing"]["train_steps"] == 4 * 4
+    assert on_disk["timing"]["train_steps"] == 4 * 32
     assert on_disk["config"]["strategy"]["name"] == "naive"
     for name in ("accuracy_matrix.png", "curves.png", "metrics.jsonl"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
-    assert sum("train/loss" in x for x in lines) == 16  # log_every_steps=1
+    assert sum("train/loss" in x for x in lines) == 4 * 32  # log_every_steps=1
     if HAVE_TB:
         events = os.listdir(os.path.join(workdir, "tb"))
         assert any(e.startswith("events.out.tfevents") for e in events)
@@ -109,7 +109,7 @@ def test_joint_has_one_row(tmp_path):
     )
     assert np.array(results["accuracy_matrix"]).shape == (1, 2)
     assert results["forgetting"] is None and results["bwt"] is None
-    assert results["timing"]["train_steps"] == 8
+    assert results["timing"]["train_steps"] == 2 * 32
 
 
 def test_rerun_on_finished_workdir_resumes_instead_of_retraining(naive_run):
@@ -122,22 +122,22 @@ def test_rerun_on_finished_workdir_resumes_instead_of_retraining(naive_run):
 def test_sigkill_then_resume_equals_uninterrupted_run(naive_run, tmp_path):
     ref_dir, ref = naive_run
     workdir = str(tmp_path / "killed")
-    # 4 steps per experience; periodic checkpoints at step 2 of each experience. Killed at global
-    # step 7: after the mid-experience checkpoint at step 6 and one un-checkpointed step.
+    # 32 steps per experience; periodic checkpoints every 8 steps within an experience. Killed at
+    # global step 43: after the mid-experience checkpoint at step 40 and 3 un-checkpointed steps.
     args = [
-        "--config=configs/shapes_di.py:train_per_exp=32",
+        "--config=configs/shapes_di.py:train_per_exp=64",
         f"--workdir={workdir}",
         *TINY_FLAGS,
-        "--config.checkpoint_every_steps=2",
-        "--config.debug.kill_at_step=7",
+        "--config.checkpoint_every_steps=8",
+        "--config.debug.kill_at_step=43",
     ]
     proc = _cli(args)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, err[-2000:]
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
-    assert max(x["step"] for x in lines) == 7
+    assert max(x["step"] for x in lines) == 43
     _, latest = _read(workdir)
-    assert latest["phase"] == 1 and latest["step_in_phase"] == 2  # mid-experience
+    assert latest["phase"] == 1 and latest["step_in_phase"] == 8  # mid-experience
 
     resumed = train.run(tiny.config(), workdir)
     np.testing.assert_allclose(resumed["accuracy_matrix"], ref["accuracy_matrix"], atol=1e-6)
@@ -179,7 +179,7 @@ def test_non_finite_loss_stops_and_keeps_only_finite_checkpoints(tmp_path):
 @pytest.mark.parametrize(
     "flag, message",
     [
-        ("--config.strategy.name=foo", "unknown strategy 'foo'; valid: ['cumulative', 'joint'"),
+        ("--config.strategy.name=foo", "unknown strategy 'foo'; valid: ['cumulative', 'ewc',"),
         ("--config.data.name=voc", "unknown dataset 'voc'; valid: ["),
         ("--config.model.name=vgg", "unknown model 'vgg'; valid: ['unet']"),
     ],
