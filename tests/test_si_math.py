@@ -15,12 +15,11 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from clseg_jax import losses
 from clseg_jax import step as step_lib
-from clseg_jax.models import unet
 from clseg_jax.strategies import base, lwf, si, snapshot
+from tests import tiny
 
 LR, C, XI = 0.1, 5.0, 1e-3
 
@@ -114,32 +113,9 @@ def test_penalty_and_gradient_match_the_formula():
     assert float(value) > 0
 
 
-def tiny_unet() -> tuple[nnx.GraphDef, dict, dict]:
-    """``unet.UNet(3, widths=(4, 8))`` with numpy-drawn parameters and running statistics.
-
-    ``nnx.eval_shape`` skips the eager initialisers, each compiled once per shape, which on two
-    shared cores cost more than the tests themselves.
-    """
-    abstract = nnx.eval_shape(lambda: unet.UNet(3, widths=(4, 8), rngs=nnx.Rngs(0)))
-    graphdef, params, stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
-    rng = np.random.default_rng(0)
-
-    def draw(path, x):
-        name = path[-1].key
-        if name == "kernel":
-            scale = np.sqrt(2.0 / np.prod(x.shape[:-1]))
-            return jnp.asarray(rng.normal(size=x.shape) * scale, x.dtype)
-        if name in ("scale", "var"):
-            return jnp.asarray(1.0 + 0.1 * np.abs(rng.normal(size=x.shape)), x.dtype)
-        return jnp.asarray(0.1 * rng.normal(size=x.shape), x.dtype)  # bias, mean
-
-    draw_all = lambda t: jax.tree_util.tree_map_with_path(draw, t.to_pure_dict())
-    return graphdef, draw_all(params), draw_all(stats)
-
-
 @pytest.fixture(scope="module")
 def parts():
-    graphdef, params, stats = tiny_unet()
+    graphdef, params, stats = tiny.tiny_unet()
     forward = step_lib.make_forward(graphdef)
     rng = np.random.default_rng(0)
     batch = {

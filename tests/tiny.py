@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from flax import nnx
 
+from clseg_jax.models import unet
 from configs import shapes_di
 
 
@@ -31,3 +36,26 @@ def config(**overrides) -> ml_collections.ConfigDict:
             node = node[p]
         node[last] = value
     return c
+
+
+def tiny_unet() -> tuple[nnx.GraphDef, dict, dict]:
+    """``unet.UNet(3, widths=(4, 8))`` with numpy-drawn parameters and running statistics.
+
+    ``nnx.eval_shape`` skips the eager initialisers, each compiled once per shape, which on two
+    shared cores cost more than the tests themselves.
+    """
+    abstract = nnx.eval_shape(lambda: unet.UNet(3, widths=(4, 8), rngs=nnx.Rngs(0)))
+    graphdef, params, stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+    rng = np.random.default_rng(0)
+
+    def draw(path, x):
+        name = path[-1].key
+        if name == "kernel":
+            scale = np.sqrt(2.0 / np.prod(x.shape[:-1]))
+            return jnp.asarray(rng.normal(size=x.shape) * scale, x.dtype)
+        if name in ("scale", "var"):
+            return jnp.asarray(1.0 + 0.1 * np.abs(rng.normal(size=x.shape)), x.dtype)
+        return jnp.asarray(0.1 * rng.normal(size=x.shape), x.dtype)  # bias, mean
+
+    draw_all = lambda t: jax.tree_util.tree_map_with_path(draw, t.to_pure_dict())
+    return graphdef, draw_all(params), draw_all(stats)
