@@ -35,13 +35,24 @@ def main(argv: list[str]) -> None:
             c = config.copy_and_resolve_references()
             c.strategy.name = name
             rows[name] = train.run(c, os.path.join(workdir, name))
+            if not rows[name]:
+                return _stopped(workdir)
         print(report.comparison_table(rows))
         print(f"results: {os.path.abspath(workdir)}/<strategy>/results.json and *.png")
     else:
         results = train.run(config, workdir)
-        if results:
-            print(report.comparison_table({config.strategy.name: results}))
+        if not results:
+            return _stopped(workdir)
+        print(report.comparison_table({config.strategy.name: results}))
         print(f"results: {os.path.abspath(workdir)}/results.json and *.png")
+
+
+def _stopped(workdir: str) -> None:
+    """After SIGTERM: the checkpoint is saved; say how to go on."""
+    print(
+        f"stopped on SIGTERM after saving a checkpoint in {os.path.abspath(workdir)}; "
+        "rerun the same command to resume"
+    )
 
 
 class _QuietLibraries(std_logging.Filter):

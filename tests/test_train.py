@@ -157,8 +157,9 @@ def test_sigterm_saves_then_exits_cleanly(tmp_path):
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
+    assert "rerun the same command to resume" in out
     _, meta = _read(workdir)
     assert meta["phase"] < 4 and not os.path.exists(os.path.join(workdir, "results.json"))
 
