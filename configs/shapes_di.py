@@ -7,8 +7,9 @@ domain, 4 epochs of batch 32 (128 steps per domain), Adam 3e-3, W1's UNet (482,8
 Demo (naive fine-tuning against joint training; what `make demo` runs):
   python -m clseg_jax.main --config=configs/shapes_di.py:compare --workdir=runs/demo
 
-One strategy:
-  python -m clseg_jax.main --config=configs/shapes_di.py:strategy=naive --workdir=runs/shapes_naive
+One strategy (any registry name, or a chain such as ewc+lwf; hyperparameters with
+--config.strategy.<field>=<value>, e.g. --config.strategy.ewc_lambda=1000):
+  python -m clseg_jax.main --config=configs/shapes_di.py:strategy=ewc --workdir=runs/shapes_ewc
 
 Result of the demo (2-core CPU, seed 0): naive avg mIoU 0.323, forgetting 0.258, BWT -0.258,
 FWT 0.097, mean diag 0.516; joint avg mIoU 0.355 (4 min 11 s for both, shared CPU).
@@ -18,7 +19,12 @@ from __future__ import annotations
 
 from configs import common
 
-EXAMPLE_ARGS = (None, "compare", "strategy=cumulative")
+EXAMPLE_ARGS = (
+    None,
+    "compare",
+    "strategy=cumulative",
+    *(f"strategy={s}" for s in ("ewc", "si", "mas", "rwalk", "lfl", "lwf", "ewc+lwf")),
+)
 
 
 def get_config(arg: str | None = None):
