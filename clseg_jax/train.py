@@ -171,9 +171,6 @@ class _Run:
         self.datasets = [self._dataset(p) for p in self.phases]
         self.tx = step_lib.make_optimizer(config.optimizer, max(len(d) for d in self.datasets))
 
-        param_sh = sharding.tree_shardings(params, self.mesh, config.sharding.param_rules)
-        params = jax.device_put(params, param_sh)
-        batch_stats = jax.device_put(batch_stats, self.repl)
         state = step_lib.TrainState(
             params, batch_stats, self.tx.init(params), jnp.array(0, jnp.int32)
         )
