@@ -62,11 +62,7 @@ def test_distillation_matches_numpy(t):
 def parts():
     graphdef, params, stats = tiny.tiny_unet()
     forward = step_lib.make_forward(graphdef)
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": jnp.asarray(rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)),
-        "label": jnp.asarray(rng.integers(0, 3, (4, 16, 16), dtype=np.uint8)),
-    }
+    batch = tiny.batch()
     # A different "previous model": rescaled parameters and shifted running statistics.
     old = jax.tree.map(lambda p: 0.7 * p + 0.05, params)
     old_stats = jax.tree.map(lambda s: s + 0.1, stats)
@@ -83,15 +79,10 @@ def parts():
 
 def _step(parts, strategy):
     forward, params, stats, batch, _, _ = parts
-    tx = optax.sgd(LR)
-    step = jax.jit(step_lib.make_train_step(forward, strategy, tx))
 
     def run(sstate):
-        state = step_lib.TrainState(params, stats, tx.init(params), jnp.array(0, jnp.int32))
-        metrics, monitor = step_lib.TrainMetrics.empty(), step_lib.new_monitor()
-        key = jax.random.PRNGKey(0)
-        new_state, new_sstate, metrics, _ = step(
-            state, sstate, metrics, monitor, batch, key, jnp.ones(3, bool)
+        new_state, new_sstate, metrics, _ = tiny.one_step(
+            forward, strategy, optax.sgd(LR), params, stats, sstate, batch
         )
         return new_state, new_sstate, float(metrics.compute()["loss"])
 

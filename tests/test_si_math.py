@@ -116,13 +116,7 @@ def test_penalty_and_gradient_match_the_formula():
 @pytest.fixture(scope="module")
 def parts():
     graphdef, params, stats = tiny.tiny_unet()
-    forward = step_lib.make_forward(graphdef)
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": jnp.asarray(rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)),
-        "label": jnp.asarray(rng.integers(0, 3, (4, 16, 16), dtype=np.uint8)),
-    }
-    return forward, params, stats, batch
+    return step_lib.make_forward(graphdef), params, stats, tiny.batch()
 
 
 @pytest.mark.parametrize("with_lwf", [False, True])
@@ -141,17 +135,8 @@ def test_compiled_step_gives_si_the_task_gradient_alone(parts, with_lwf):
         old = jax.tree.map(lambda p: 0.5 * p, params)
         strategy = base.chain(strategy, lwf.make(cfg, env))
         sstate = (si_state, snapshot.take(old, stats, np.array([True, True, False])))
-    tx = optax.sgd(LR)
-    state = step_lib.TrainState(params, stats, tx.init(params), jnp.array(0, jnp.int32))
-    step = jax.jit(step_lib.make_train_step(forward, strategy, tx))
-    new_state, new_sstate, metrics, _ = step(
-        state,
-        sstate,
-        step_lib.TrainMetrics.empty(),
-        step_lib.new_monitor(),
-        batch,
-        jax.random.PRNGKey(0),
-        jnp.ones(3, bool),
+    new_state, new_sstate, metrics, _ = tiny.one_step(
+        forward, strategy, optax.sgd(LR), params, stats, sstate, batch
     )
     omega = (new_sstate[0] if with_lwf else new_sstate).omega
 

@@ -19,6 +19,7 @@ from clseg_jax import losses
 from clseg_jax import step as step_lib
 from clseg_jax.models import unet
 from clseg_jax.strategies import base
+from tests import tiny
 
 
 @pytest.fixture(scope="module")
@@ -26,29 +27,13 @@ def parts():
     model = unet.UNet(3, widths=(4, 8), rngs=nnx.Rngs(0))
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     forward = step_lib.make_forward(graphdef)
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": jnp.asarray(rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)),
-        "label": jnp.asarray(rng.integers(0, 3, (4, 16, 16), dtype=np.uint8)),
-    }
-    return forward, params.to_pure_dict(), stats.to_pure_dict(), batch
+    return forward, params.to_pure_dict(), stats.to_pure_dict(), tiny.batch()
 
 
 def _run(strategy, parts, sstate=None, lr=0.1):
     forward, params, stats, batch = parts
-    tx = optax.sgd(lr)
-    state = step_lib.TrainState(params, stats, tx.init(params), jnp.array(0, jnp.int32))
     sstate = strategy.init(params, stats) if sstate is None else sstate
-    step = jax.jit(step_lib.make_train_step(forward, strategy, tx))
-    return step(
-        state,
-        sstate,
-        step_lib.TrainMetrics.empty(),
-        step_lib.new_monitor(),
-        batch,
-        jax.random.PRNGKey(0),
-        jnp.ones(3, bool),
-    )
+    return tiny.one_step(forward, strategy, optax.sgd(lr), params, stats, sstate, batch)
 
 
 def _ce(forward, params, stats, batch):

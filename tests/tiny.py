@@ -1,4 +1,4 @@
-"""Tiny configs for tests: small images, a narrow UNet, a few steps per experience."""
+"""Tiny configs, models, batches and a one-step runner shared by the tests."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from clseg_jax import step as step_lib
 from clseg_jax.models import unet
 from configs import shapes_di
 
@@ -59,3 +60,31 @@ def tiny_unet() -> tuple[nnx.GraphDef, dict, dict]:
 
     draw_all = lambda t: jax.tree_util.tree_map_with_path(draw, t.to_pure_dict())
     return graphdef, draw_all(params), draw_all(stats)
+
+
+def batch(n: int = 4, size: int = 16, classes: int = 3) -> dict[str, jax.Array]:
+    """A fixed random batch: ``image`` uint8 ``[n,size,size,3]``, ``label`` ``[n,size,size]``."""
+    rng = np.random.default_rng(0)
+    return {
+        "image": jnp.asarray(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)),
+        "label": jnp.asarray(rng.integers(0, classes, (n, size, size), dtype=np.uint8)),
+    }
+
+
+def one_step(forward, strategy, tx, params, stats, sstate, batch, num_classes: int = 3):
+    """One compiled train step from fresh optimizer state, all classes visible.
+
+    Returns ``(state, sstate, metrics, monitor)`` as the step does.
+    """
+
+    state = step_lib.TrainState(params, stats, tx.init(params), jnp.array(0, jnp.int32))
+    step = jax.jit(step_lib.make_train_step(forward, strategy, tx))
+    return step(
+        state,
+        sstate,
+        step_lib.TrainMetrics.empty(),
+        step_lib.new_monitor(),
+        batch,
+        jax.random.PRNGKey(0),
+        jnp.ones(num_classes, bool),
+    )
