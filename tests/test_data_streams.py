@@ -120,6 +120,21 @@ def test_domain_stream_cycles_looks_beyond_defined():
     assert names[-1].startswith(names[0])
 
 
+def test_domain_stream_binary_and_chosen_looks():
+    looks = ("checker_bright", "plain")
+    full = shapes.make_domain(_cfg(num_experiences=3, looks=looks))
+    binary = shapes.make_domain(_cfg(num_experiences=3, looks=looks, binary=True))
+    assert [e.name for e in full.experiences] == ["checker_bright", "plain", "checker_bright_2"]
+    assert binary.num_classes == 2 and binary.class_names == ("background", "shape")
+    assert all(e.classes == (0, 1) for e in binary.experiences)
+    for ef, eb in zip(full.experiences, binary.experiences, strict=True):
+        # Same pixels; every shape pixel becomes class 1.
+        assert np.array_equal(ef.test.images, eb.test.images)
+        assert np.array_equal(eb.test.labels, (ef.test.labels > 0).astype(np.uint8))
+    with pytest.raises(ValueError, match=r"unknown look\(s\) \['shiny'\]; valid looks: \['plain'"):
+        shapes.make_domain(_cfg(looks=("plain", "shiny")))
+
+
 def test_shape_colour_does_not_identify_class():
     stream = shapes.make_domain(_cfg(train_per_exp=64))
     exp = stream.experiences[0]

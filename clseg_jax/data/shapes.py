@@ -6,6 +6,9 @@ Classes: 0 background, 1 circle, 2 square, 3 triangle, 4 cross (plus sign). Imag
 * ``make_domain``: domain-incremental, the same four classes under different looks (palette,
   stripes/noise/checker textures, blur, contrast). Shape colours are drawn per shape from the
   domain's palette, independently of the class, so only the geometry identifies the class.
+  ``binary=True`` labels every shape as one foreground class (background / shape), the setting
+  of domain-incremental medical segmentation (one organ, new scanners): learnt in tens of steps
+  by a small UNet, so it is the stream of the behaviour tests.
 * ``make_class``: class-incremental, ``classes_per_step`` classes arrive per experience in one
   fixed "plain" look; each image of experience t holds at least one shape of step t's classes,
   drawn last so it is always visible.
@@ -27,6 +30,7 @@ from clseg_jax.data import base
 
 NUM_CLASSES = 5
 CLASS_NAMES = ("background", "circle", "square", "triangle", "cross")
+BINARY_CLASS_NAMES = ("background", "shape")
 
 # Stream ids mixed into the RNG seed so different streams/splits never share random draws.
 _DOMAIN_STREAM, _CLASS_STREAM = 11, 12
@@ -345,21 +349,42 @@ def _sources(
     return out[0], out[1]
 
 
+def _looks(names: Sequence[str]) -> tuple[_Look, ...]:
+    """The looks named in ``names`` in that order; all of ``DOMAINS`` when empty."""
+    by_name = {look.name: look for look in DOMAINS}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"shapes_di: unknown look(s) {unknown}; valid looks: {list(by_name)}")
+    return tuple(by_name[n] for n in names) or DOMAINS
+
+
+def _binary(source: base.ArraySource) -> base.ArraySource:
+    return base.ArraySource(source.images, np.minimum(source.labels, 1), source.name)
+
+
 def make_domain(cfg: ml_collections.ConfigDict) -> base.Stream:
-    """Domain-incremental shapes: ``num_experiences`` looks (``DOMAINS`` in order, cycled)."""
+    """Domain-incremental shapes: ``num_experiences`` looks, cycled.
+
+    The looks are ``cfg.looks`` (names from ``DOMAINS``, in that order) or all of ``DOMAINS``.
+    """
     size, n_train, n_test, seed, max_shapes = _common(cfg)
     num_exp = _int_cfg(cfg, "num_experiences", 4, 1)
-    all_classes = tuple(range(NUM_CLASSES))
+    binary = bool(cfg.get("binary", False))
+    class_names = BINARY_CLASS_NAMES if binary else CLASS_NAMES
+    all_classes = tuple(range(len(class_names)))
+    looks = _looks(cfg.get("looks", ()))
     exps = []
     for t in range(num_exp):
-        look = DOMAINS[t % len(DOMAINS)]
+        look = looks[t % len(looks)]
         # Past len(DOMAINS) looks repeat with fresh random draws; the suffix keeps names unique.
-        name = look.name if t < len(DOMAINS) else f"{look.name}_{t // len(DOMAINS) + 1}"
+        name = look.name if t < len(looks) else f"{look.name}_{t // len(looks) + 1}"
         train, test = _sources(
             seed, _DOMAIN_STREAM, t, size, n_train, n_test, max_shapes, look, f"shapes_di/{name}"
         )
+        if binary:
+            train, test = _binary(train), _binary(test)
         exps.append(base.Experience(t, name, all_classes, train, test))
-    return base.Stream("shapes_di", "domain", NUM_CLASSES, CLASS_NAMES, tuple(exps))
+    return base.Stream("shapes_di", "domain", len(class_names), class_names, tuple(exps))
 
 
 def make_class(cfg: ml_collections.ConfigDict) -> base.Stream:
