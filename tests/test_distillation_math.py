@@ -175,3 +175,21 @@ def test_lfl_loss_and_head_freezing_in_the_step(parts):
     others = {k: v for k, v in params.items() if k != "head"}
     new_others = {k: v for k, v in new_state.params.items() if k != "head"}
     assert all(moved(new_others, others))
+
+
+def test_lfl_penultimate_layer_distance(parts):
+    _, params, _, _, snap, reference = parts
+    lam = 0.3
+    cfg = ml_collections.ConfigDict(
+        {"lfl_lambda": lam, "lfl_freeze_head": False, "lfl_layer": "penultimate"}
+    )
+    _, _, loss = _step(parts, lfl.make(cfg, _env(parts)))(snap)
+    out, old_out, ce, _ = reference(params)
+    diff = np.asarray(out["penultimate"], np.float64) - np.asarray(
+        old_out["penultimate"], np.float64
+    )
+    distance = float(np.mean(np.sum(diff**2, axis=-1)))
+    assert distance > 1e-3
+    np.testing.assert_allclose(loss, float(ce) + lam * distance, rtol=1e-4)
+    with pytest.raises(ValueError, match="lfl_layer must be one of"):
+        lfl.make(ml_collections.ConfigDict({**cfg, "lfl_layer": "decoder"}), _env(parts))

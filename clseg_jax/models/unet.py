@@ -6,9 +6,11 @@ kernel slices, see ``layers.Conv``), two [3x3 conv -> norm -> ReLU]; a final 1x1
 classes. With ``widths=(16, 32, 64, 128)``, batch norm and 5 classes this is BENCHMARKS.md's W1
 model: 482,805 parameters.
 
-Call: ``model(images [B,H,W,3] float, train) -> {"logits": [B,H,W,K], "features": [B,H/8,W/8,C]}``
-where ``features`` is the bottleneck (LFL, feature distillation). H and W must be divisible by
-``2**(len(widths)-1)``.
+Call: ``model(images [B,H,W,3] float, train) -> {"logits": [B,H,W,K], "features": [B,h,w,C],
+"penultimate": [B,H,W,widths[0]]}`` where ``features`` is the bottleneck (``h = H / 2**(L-1)``
+for ``L = len(widths)``, ``C = widths[-1]``) and ``penultimate`` the last decoder block's output,
+the input of the 1x1 head (both for LFL and feature distillation; XLA drops whichever is unused).
+H and W must be divisible by ``2**(L-1)``.
 """
 
 from __future__ import annotations
@@ -94,4 +96,4 @@ class UNet(nnx.Module):
         for up, block, skip in zip(self.ups, self.up_convs, reversed(skips[:-1]), strict=True):
             x = block(skip, up(x), train=train)
         logits = self.head(x).astype(jnp.float32)
-        return {"logits": logits, "features": features}
+        return {"logits": logits, "features": features, "penultimate": x}

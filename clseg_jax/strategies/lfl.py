@@ -1,10 +1,17 @@
 """Less-Forgetful Learning (Jung, Ju, Jung & Kim, "Less-forgetting Learning in Deep Neural
 Networks", arXiv:1607.00122, 2016) for dense prediction.
 
-The model trained on the previous phases is frozen; the current model's bottleneck features are
-kept close to its features on the new data::
+The model trained on the previous phases is frozen; the current model's features are kept close
+to its features on the new data::
 
     loss = task CE + active * lambda * mean_{b, y, x} sum_c (f(x)[b,y,x,c] - f_old(x)[b,y,x,c])^2
+
+Which features: ``lfl_layer="features"`` (default) is the bottleneck, as in the domain-incremental
+UNet study this library started from; ``lfl_layer="penultimate"`` is the input of the classifier
+head, Jung et al.'s "last hidden layer" (with ``lfl_freeze_head=True`` this is the paper's method).
+In a UNet the skip connections bypass the bottleneck, so constraining it leaves the decoder free:
+on the binary shapes stream of the behaviour tests, bottleneck LFL barely changes with lambda
+(1 vs 10) while penultimate LFL reduces forgetting.
 
 Normalisation: Jung et al. penalise the squared Euclidean distance between the two feature
 *vectors* of an example; in a dense bottleneck ``[B, h, w, C]`` every position holds such a vector,
@@ -36,7 +43,8 @@ from clseg_jax.strategies import base, snapshot
 
 PyTree = Any
 
-DEFAULTS = {"lfl_lambda": 0.1, "lfl_freeze_head": False}
+DEFAULTS = {"lfl_lambda": 0.1, "lfl_freeze_head": False, "lfl_layer": "features"}
+LAYERS = ("features", "penultimate")
 
 
 def feature_distance(new: jax.Array, old: jax.Array) -> jax.Array:
@@ -46,7 +54,14 @@ def feature_distance(new: jax.Array, old: jax.Array) -> jax.Array:
 
 
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
-    lam, freeze_head = float(cfg.lfl_lambda), bool(cfg.lfl_freeze_head)
+    get = lambda key: cfg.get(key, DEFAULTS[key])
+    lam, freeze_head, layer = (
+        float(get("lfl_lambda")),
+        bool(get("lfl_freeze_head")),
+        get("lfl_layer"),
+    )
+    if layer not in LAYERS:
+        raise ValueError(f"lfl_layer must be one of {LAYERS}, got {layer!r}")
 
     def init(params: PyTree, batch_stats: PyTree) -> snapshot.Snapshot:
         return snapshot.empty(params, batch_stats, env.num_classes)
@@ -56,7 +71,7 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         del key
         old = snapshot.outputs(env.forward, snap, inputs.batch["image"])
-        value = snap.active * lam * feature_distance(inputs.outputs["features"], old["features"])
+        value = snap.active * lam * feature_distance(inputs.outputs[layer], old[layer])
         return value, {"lfl": value}
 
     def transform_grads(
