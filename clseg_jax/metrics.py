@@ -202,3 +202,31 @@ def old_new_all(
         "new": miou(conf, new),
         "all": miou(conf, old | new),
     }
+
+
+def beats_reference(R: Any, R_ref: Any, plasticity_tolerance: float = 0.05) -> dict[str, Any]:
+    """Does a method forget less than a reference (e.g. naive) *and* still learn?
+
+    The stability-plasticity criterion of the behaviour tests: ``forgetting < reference's``,
+    final average ``>= reference's`` and ``avg_diag >= reference's - plasticity_tolerance``. A
+    frozen model fails on the final average; an over-regularised one on ``avg_diag``.
+
+    Args:
+      R, R_ref: ``[T,T]`` accuracy matrices of the method and the reference on the same stream.
+      plasticity_tolerance: how far below the reference's ``avg_diag`` the method may learn.
+
+    Returns:
+      ``{"passes": bool}`` plus ``avg_miou``, ``avg_diag``, ``forgetting`` of both (the
+      reference's with a ``ref_`` prefix).
+    """
+    s, ref = cl_summary(R), cl_summary(R_ref)
+    if s["forgetting"] is None or ref["forgetting"] is None:
+        raise ValueError("beats_reference needs square [T,T] matrices with T >= 2")
+    keys = ("avg_miou", "avg_diag", "forgetting")
+    out: dict[str, Any] = {k: s[k] for k in keys} | {f"ref_{k}": ref[k] for k in keys}
+    out["passes"] = bool(
+        s["forgetting"] < ref["forgetting"]
+        and s["avg_miou"] >= ref["avg_miou"]
+        and s["avg_diag"] >= ref["avg_diag"] - plasticity_tolerance
+    )
+    return out

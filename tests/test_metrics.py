@@ -168,3 +168,19 @@ def test_old_new_all_hand_example():
     plain = metrics.old_new_all(CONF, [1], [2], background=None)
     assert plain["old"] == pytest.approx(1 / 2)
     assert plain["all"] == pytest.approx(5 / 12)
+
+
+def test_beats_reference_hand_example():
+    naive = [[0.9, 0.1], [0.3, 0.9]]  # forgetting 0.6, avg 0.6, diag 0.9
+    good = [[0.9, 0.2], [0.7, 0.86]]  # forgetting 0.2, avg 0.78, diag 0.88
+    v = metrics.beats_reference(good, naive)
+    assert v["passes"] and v["forgetting"] == pytest.approx(0.2)
+    assert v["ref_avg_miou"] == pytest.approx(0.6)
+    # Learns too little on the new experience: diag 0.8 < 0.9 - 0.05.
+    assert not metrics.beats_reference([[0.9, 0.2], [0.8, 0.7]], naive)["passes"]
+    # Frozen: the first row repeated forgets nothing but ends below the reference.
+    assert not metrics.beats_reference([[0.9, 0.1], [0.9, 0.1]], naive)["passes"]
+    # Forgets as much as the reference.
+    assert not metrics.beats_reference(naive, naive)["passes"]
+    with pytest.raises(ValueError, match="square"):
+        metrics.beats_reference([[0.9, 0.1]], naive)
