@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= dev
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-slow lint bench install clean
+.PHONY: demo test test-slow lint bench baselines install clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,20 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_step.py --out experiments/results/bench_step.json
+
+# W2 side by side with PyTorch/Avalanche (experiments/baselines/README.md), in its own venv so that
+# .venv stays the core install. Pass e.g. BASELINES_ARGS="--strategies naive,ewc".
+BASELINES_VENV := .venv-baselines
+BASELINES_STAMP := $(BASELINES_VENV)/.installed
+
+$(BASELINES_STAMP): requirements.txt pyproject.toml
+	test -x $(BASELINES_VENV)/bin/python || $(PY) -m venv $(BASELINES_VENV)
+	$(BASELINES_VENV)/bin/python -m pip install -q -r requirements.txt -e ".[baselines]"
+	touch $(BASELINES_STAMP)
+
+baselines: $(BASELINES_STAMP)
+	$(BASELINES_VENV)/bin/python experiments/baselines/compare.py \
+		--out experiments/results/baselines_w2.json $(BASELINES_ARGS)
 
 clean:
 	rm -rf $(VENV) runs
