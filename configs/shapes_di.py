@@ -36,6 +36,8 @@ def get_config(arg: str | None = None):
     # 32x32 keeps the demo within minutes on 2 CPU cores; the model is W1's UNet.
     c.data.image_size = 32
     c.data.num_experiences = 4
+    c.data.looks = ()  # names from clseg_jax.data.shapes.DOMAINS; () = all, in their order
+    c.data.binary = False  # True: background / shape
     c.data.train_per_exp = a.train_per_exp
     c.data.test_per_exp = 128
     c.epochs = 4

@@ -33,7 +33,7 @@ DEFAULTS = {
     "ewc_lambda": 100.0,
     "ewc_mode": "separate",  # separate | online
     "ewc_decay": 1.0,  # gamma of the online mode
-    "ewc_samples": 256,  # samples per Fisher pass
+    "ewc_samples": 128,  # samples per Fisher pass: quality flat from 8 to 256 (experiments/README)
     "ewc_batch": 16,  # samples per vectorised backward pass
     "ewc_fisher": "empirical",  # empirical | batch
 }
