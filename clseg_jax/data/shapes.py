@@ -359,7 +359,8 @@ def _looks(names: Sequence[str]) -> tuple[_Look, ...]:
 
 
 def _binary(source: base.ArraySource) -> base.ArraySource:
-    return base.ArraySource(source.images, np.minimum(source.labels, 1), source.name)
+    # A distinct name keeps its repr (grain's iterator-state key) apart from the 5-class source.
+    return base.ArraySource(source.images, np.minimum(source.labels, 1), f"{source.name}/binary")
 
 
 def make_domain(cfg: ml_collections.ConfigDict) -> base.Stream:
@@ -376,7 +377,8 @@ def make_domain(cfg: ml_collections.ConfigDict) -> base.Stream:
     exps = []
     for t in range(num_exp):
         look = looks[t % len(looks)]
-        # Past len(DOMAINS) looks repeat with fresh random draws; the suffix keeps names unique.
+        # Past len(looks) experiences the looks repeat with fresh random draws; the suffix keeps
+        # names unique.
         name = look.name if t < len(looks) else f"{look.name}_{t // len(looks) + 1}"
         train, test = _sources(
             seed, _DOMAIN_STREAM, t, size, n_train, n_test, max_shapes, look, f"shapes_di/{name}"

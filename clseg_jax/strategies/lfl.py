@@ -21,7 +21,8 @@ The default ``lambda = 0.1`` puts a unit drift of a 16-128-channel BatchNorm+ReL
 the scale of the cross-entropy; tune it per model.
 
 The old model runs in eval mode (running statistics, no BatchNorm update, no gradient) inside the
-compiled step; only its encoder is live, XLA drops the unused decoder. With
+compiled step; with the bottleneck only its encoder is live (XLA drops the unused decoder), with
+``penultimate`` all but its head (step cost: bench_strategies.py). With
 ``lfl_freeze_head=True`` the classifier head (``params["head"]``) gets zero gradients once a phase
 has finished, as the paper freezes the softmax layer. Note that only the gradient is zeroed: weight
 decay applied by the optimizer after ``transform_grads``, or momentum carried over from an earlier
