@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -9,10 +10,12 @@ import jax
 import ml_collections
 from flax import nnx
 
-from clseg_jax.models import unet
+from clseg_jax.models import resnet, unet
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     "unet": unet.UNet,
+    "resnet18": functools.partial(resnet.ResNet, depth=18),
+    "resnet34": functools.partial(resnet.ResNet, depth=34),
 }
 
 
