@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from clseg_jax.data import base, digits, npz, shapes
+from clseg_jax.data import base, classification, digits, npz, shapes
 
 DATASETS: dict[str, Callable[[ml_collections.ConfigDict], base.Stream]] = {
     "shapes_di": shapes.make_domain,
@@ -18,6 +18,10 @@ DATASETS: dict[str, Callable[[ml_collections.ConfigDict], base.Stream]] = {
     "digits_ci": digits.make_class,
     "digits_di": digits.make_domain,
     "npz": npz.make,
+    "digits_cls": classification.make_digits_cls,
+    "digits_ml": classification.make_digits_ml,
+    "voc_ml": classification.make_voc_ml,
+    "npz_ml": classification.make_npz_ml,
 }
 
 

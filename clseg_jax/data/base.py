@@ -47,6 +47,52 @@ class ArraySource:
         return f"ArraySource({self.name!r}, n={len(self)}, shape={tuple(self.images.shape[1:3])})"
 
 
+class LabelSource:
+    """In-memory random-access source of whole-image labels (classification).
+
+    ``images [N,H,W,3] uint8`` with either ``labels [N]`` (single-label: one class id per image)
+    or ``labels [N,K]`` (multi-label: multi-hot, 0/1). Elements are ``{"image": uint8 [H,W,3],
+    "label": uint8 []}`` or ``{"image": ..., "label": uint8 [K]}``. ``__repr__`` is stable (no
+    memory address) so grain iterator state restores across processes.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(
+                f"{name}: images must be uint8 [N,H,W,3], got {images.dtype} {list(images.shape)}"
+            )
+        if labels.ndim not in (1, 2) or len(labels) != len(images):
+            raise ValueError(
+                f"{name}: labels must be [N] class ids or [N,K] multi-hot with N = {len(images)}, "
+                f"got {list(labels.shape)}"
+            )
+        if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+            raise ValueError(f"{name}: labels must have an integer dtype, got {labels.dtype}")
+        # 255 stays free as the ignore/padding value, as for segmentation labels.
+        top = 1 if labels.ndim == 2 else IGNORE - 1
+        if labels.size and (labels.min() < 0 or labels.max() > top):
+            valid = "0/1 (multi-hot)" if labels.ndim == 2 else f"class ids 0..{top}"
+            raise ValueError(
+                f"{name}: labels must be {valid}, "
+                f"got values {int(labels.min())}..{int(labels.max())}"
+            )
+        self.images = images
+        self.labels = labels.astype(np.uint8, copy=False)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {"image": self.images[i], "label": self.labels[i]}
+
+    def __repr__(self) -> str:
+        return (
+            f"LabelSource({self.name!r}, n={len(self)}, shape={tuple(self.images.shape[1:3])}, "
+            f"label={tuple(self.labels.shape[1:])})"
+        )
+
+
 class ConcatSource:
     """Several sources read as one (cumulative and joint training)."""
 
@@ -116,11 +162,19 @@ class Stream(NamedTuple):
 
 
 def visible_labels(label: np.ndarray, visible: np.ndarray) -> np.ndarray:
-    """Relabels pixels of classes not in ``visible`` (``bool [K]``) as background; keeps 255.
+    """What a label shows when only the classes in ``visible`` (``bool [K]``) are labelled.
 
-    This is the class-incremental background shift: in training, classes outside the current step
-    are background; at test, classes not yet seen are background.
+    - masks ``[H,W]``: pixels of other classes become background (0), 255 stays: the
+      class-incremental background shift (in training, classes outside the current step are
+      background; at test, classes not yet seen are).
+    - multi-hot ``[K]``: other classes become absent (0); 255 entries stay.
+    - class ids ``[]``: unchanged. There is no background to fall into: an image of a class that
+      is not visible keeps its label (and a model that may not predict it gets it wrong).
     """
+    if label.ndim == 0:
+        return label
+    if label.ndim == 1:
+        return np.where((label == IGNORE) | visible, label, 0).astype(label.dtype)
     keep = np.append(visible, True)  # index K stands for "ignore"
     idx = np.where(label == IGNORE, len(visible), label)
     return np.where(keep[idx], label, 0).astype(label.dtype)
