@@ -1,7 +1,9 @@
-"""Compiled evaluation: dataset-level confusion matrices accumulated on device.
+"""Compiled evaluation: one statistic per test set, accumulated on device.
 
-The eval step adds one batch's ``[K,K]`` confusion to a running matrix that stays on device; the
-host reads it once per test set. Padded rows carry ignore labels, so every example counts once.
+Segmentation and classification: the eval step adds one batch's ``[K,K]`` confusion to a running
+matrix that stays on device; the host reads it once per test set. Multi-label: the step returns
+sigmoid scores, kept on device until the test set ends; the host then reads them once and computes
+each class's average precision. Padded rows carry ignore labels, so every example counts once.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from clseg_jax import losses, metrics, sharding
+from clseg_jax import losses, metrics, sharding, tasks
 from clseg_jax.data import base as data_base
 from clseg_jax.data import loader
 from clseg_jax.strategies import base
@@ -30,6 +32,16 @@ def make_eval_step(forward: base.Forward, num_classes: int) -> Callable:
     return step
 
 
+def make_score_step(forward: base.Forward) -> Callable:
+    """``step(params, batch_stats, batch) -> sigmoid scores [B,K]`` (multi-label)."""
+
+    def step(params, batch_stats, batch):
+        outputs, _ = forward(params, batch_stats, batch["image"], False)
+        return jax.nn.sigmoid(outputs["logits"].astype(jnp.float32))
+
+    return step
+
+
 class Evaluator:
     """Evaluates parameters on the test sets of a stream with one compiled step.
 
@@ -38,21 +50,32 @@ class Evaluator:
       stream: the stream whose test sets are evaluated.
       mesh: device mesh; batches are split over its data axis.
       batch_size: global evaluation batch size.
+      task: what is scored (``tasks.Task``); a confusion per test set, or for "multilabel" the
+        average precision of every class ``[K]``.
     """
 
     def __init__(
-        self, forward: base.Forward, stream: data_base.Stream, mesh: Mesh, batch_size: int
+        self,
+        forward: base.Forward,
+        stream: data_base.Stream,
+        mesh: Mesh,
+        batch_size: int,
+        task: tasks.Task = tasks.SEGMENTATION,
     ):
         self.stream = stream
+        self.task = task
         self.mesh = mesh
         self.batch_size = batch_size
         self._batch_sharding = sharding.batch_sharding(mesh)
         self._repl = sharding.replicated(mesh)
-        self._step = jax.jit(
-            make_eval_step(forward, stream.num_classes),
-            out_shardings=self._repl,
-            donate_argnums=(2,),
-        )
+        if task.metric == "map":
+            self._step = jax.jit(make_score_step(forward), out_shardings=self._repl)
+        else:
+            self._step = jax.jit(
+                make_eval_step(forward, stream.num_classes),
+                out_shardings=self._repl,
+                donate_argnums=(2,),
+            )
         self._compiled = None
 
     def compile(self, params, batch_stats) -> None:
@@ -67,9 +90,39 @@ class Evaluator:
                 (self.batch_size, *x["label"].shape), jnp.uint8, sharding=self._batch_sharding
             ),
         }
+        if self.task.metric == "map":
+            self._compiled = self._step.lower(params, batch_stats, batch).compile()
+            return
         conf = jax.ShapeDtypeStruct((k, k), jnp.int32, sharding=self._repl)
         mask = jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=self._repl)
         self._compiled = self._step.lower(params, batch_stats, conf, batch, mask).compile()
+
+    def evaluate(self, params, batch_stats, experience: int, class_mask: np.ndarray) -> np.ndarray:
+        """An experience's test statistic: ``[K,K]`` confusion, or ``[K]`` APs (multi-label)."""
+        if self._compiled is None:
+            self.compile(params, batch_stats)
+        if self.task.metric == "map":
+            return self.average_precisions(params, batch_stats, experience)
+        return self.confusion(params, batch_stats, experience, class_mask)
+
+    def average_precisions(self, params, batch_stats, experience: int) -> np.ndarray:
+        """``[K]`` AP of each class on an experience's test set (full labels; NaN where a class
+        has no positive). Scores stay on device until the set ends: one host read."""
+        scores, labels = [], []
+        for local in loader.eval_batches(
+            self.stream.experiences[experience].test,
+            np.ones(self.stream.num_classes, bool),
+            global_batch=self.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        ):
+            batch = sharding.global_batch(local, self._batch_sharding)
+            scores.append(self._compiled(params, batch_stats, batch))
+            labels.append(local["label"])
+        s = np.asarray(jax.device_get(jnp.concatenate(scores)))
+        y = np.concatenate(labels)
+        keep = ~(y == 255).all(axis=1)  # padding rows
+        return metrics.average_precision_per_class(s[keep], y[keep])
 
     def confusion(self, params, batch_stats, experience: int, class_mask: np.ndarray) -> np.ndarray:
         """``[K,K]`` confusion on an experience's test set, labels of classes seen by then."""
@@ -91,8 +144,25 @@ class Evaluator:
         return np.asarray(jax.device_get(conf))
 
     def row(self, params, batch_stats, class_mask: np.ndarray) -> list[np.ndarray]:
-        """Confusions on every experience's test set: one row of the accuracy matrix."""
+        """Statistics on every experience's test set: one row of the accuracy matrix."""
         return [
-            self.confusion(params, batch_stats, j, class_mask)
+            self.evaluate(params, batch_stats, j, class_mask)
             for j in range(len(self.stream.experiences))
         ]
+
+    def row_task_il(self, params, batch_stats) -> list[np.ndarray]:
+        """Task-incremental row: experience j's test set with predictions limited to its classes
+        (the task id is given at test time)."""
+        return [
+            self.evaluate(params, batch_stats, j, self.stream.class_mask(e.classes))
+            for j, e in enumerate(self.stream.experiences)
+        ]
+
+    def score(self, stat: np.ndarray, experience: int) -> float:
+        """The accuracy-matrix entry of one statistic: mIoU, accuracy, or the mean AP over the
+        experience's own classes (multi-label)."""
+        if self.task.metric == "map":
+            return metrics.nanmean(stat[list(self.stream.experiences[experience].classes)])
+        if self.task.metric == "accuracy":
+            return metrics.accuracy(stat)
+        return metrics.miou(stat)

@@ -62,3 +62,29 @@ def distillation(
     # NEG - NEG cancellation in the forward or backward pass.
     kl = jnp.sum(jnp.where(class_mask, jnp.exp(logp_old) * (logp_old - logp_new), 0.0), axis=-1)
     return t**2 * jnp.mean(kl)
+
+
+def binary_cross_entropy(logits: jax.Array, targets: jax.Array, class_mask: jax.Array) -> jax.Array:
+    """Multi-label loss: per-class sigmoid cross-entropy, mean over the counted entries.
+
+    Args:
+      logits: ``[B,K]``.
+      targets: ``[B,K]`` 0/1, 255 = ignore (padding rows).
+      class_mask: ``bool [K]``; only these classes count (PyTorch's ``BCEWithLogitsLoss`` over
+        the head of the classes seen so far).
+
+    Returns a scalar; 0 when nothing counts.
+    """
+    valid = (targets != IGNORE) & class_mask
+    y = jnp.where(valid, targets, 0).astype(jnp.float32)
+    x = logits.astype(jnp.float32)
+    # log(1 + exp(-|x|)) + max(x, 0) - x y: the stable form of -[y log s(x) + (1-y) log(1-s(x))].
+    per = jnp.maximum(x, 0.0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    return jnp.sum(jnp.where(valid, per, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def multilabel_accuracy(logits: jax.Array, targets: jax.Array, class_mask: jax.Array) -> jax.Array:
+    """Fraction of counted entries (see ``binary_cross_entropy``) where ``logit > 0`` matches."""
+    valid = (targets != IGNORE) & class_mask
+    hit = ((logits > 0) == (targets == 1)) & valid
+    return jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1)

@@ -67,7 +67,7 @@ def iou_per_class(conf: Any) -> np.ndarray:
     return iou
 
 
-def _nanmean(values: Any) -> float:
+def nanmean(values: Any) -> float:
     """``np.nanmean`` without the "mean of empty slice" warning; NaN when nothing is defined."""
     values = np.asarray(values, dtype=np.float64).reshape(-1)
     values = values[~np.isnan(values)]
@@ -89,11 +89,50 @@ def miou(conf: Any, classes: Iterable[int] | None = None) -> float:
     """
     iou = iou_per_class(conf)
     if classes is None:
-        return _nanmean(iou)
+        return nanmean(iou)
     idx = np.asarray(sorted(set(int(c) for c in classes)), dtype=np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= iou.size):
         raise ValueError(f"class ids must lie in [0, {iou.size}), got {idx.tolist()}")
-    return _nanmean(iou[idx])
+    return nanmean(iou[idx])
+
+
+def accuracy(conf: Any) -> float:
+    """Fraction of counted samples on the diagonal of a ``[K,K]`` confusion (NaN if empty)."""
+    conf = np.asarray(conf, dtype=np.float64)
+    total = conf.sum()
+    return float(np.trace(conf) / total) if total > 0 else float("nan")
+
+
+def average_precision(scores: Any, targets: Any) -> float:
+    """Average precision of one class: ``sum_n (R_n - R_{n-1}) P_n`` over the distinct score
+    thresholds in decreasing order (scikit-learn's definition; ties share one threshold).
+
+    Args:
+      scores: ``[N]`` float.
+      targets: ``[N]`` 0/1.
+
+    Returns NaN when there is no positive.
+    """
+    s = np.asarray(scores, np.float64).reshape(-1)
+    y = np.asarray(targets).reshape(-1) == 1
+    if not y.any():
+        return float("nan")
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    tp = np.cumsum(y)
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each distinct score
+    tp = tp[last]
+    precision = tp / (last + 1)
+    recall = tp / tp[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def average_precision_per_class(scores: Any, targets: Any) -> np.ndarray:
+    """``[K]`` APs of ``scores [N,K]`` against multi-hot ``targets [N,K]`` (NaN: no positive)."""
+    scores, targets = np.asarray(scores), np.asarray(targets)
+    return np.array(
+        [average_precision(scores[:, k], targets[:, k]) for k in range(scores.shape[1])]
+    )
 
 
 def _opt(value: float | None) -> float | None:
@@ -140,7 +179,7 @@ def cl_summary(R: Any, initial_row: Sequence[float] | None = None) -> dict[str, 
         raise ValueError(f"R must be [T,T] or [1,T] (joint), got {list(R.shape)}")
     last = R[-1]
     out: dict[str, float | None] = {
-        "avg_miou": _nanmean(last),
+        "avg_miou": nanmean(last),
         "forgetting": None,
         "bwt": None,
         "fwt": None,
@@ -150,8 +189,8 @@ def cl_summary(R: Any, initial_row: Sequence[float] | None = None) -> dict[str, 
     if rows != t:  # joint training: one evaluation, no sequence
         return out
 
-    out["avg_diag"] = _nanmean(np.diag(R))
-    out["avg_incremental"] = _nanmean([_nanmean(R[i, : i + 1]) for i in range(t)])
+    out["avg_diag"] = nanmean(np.diag(R))
+    out["avg_incremental"] = nanmean([nanmean(R[i, : i + 1]) for i in range(t)])
     if t == 1:
         return out
 
@@ -162,13 +201,13 @@ def cl_summary(R: Any, initial_row: Sequence[float] | None = None) -> dict[str, 
         col = before[:, j][~np.isnan(before[:, j])]
         if col.size:
             best[j] = col.max()
-    out["forgetting"] = _nanmean(best - last[:-1])
-    out["bwt"] = _nanmean(last[:-1] - np.diag(R)[:-1])
+    out["forgetting"] = nanmean(best - last[:-1])
+    out["bwt"] = nanmean(last[:-1] - np.diag(R)[:-1])
     if initial_row is not None:
         init = np.array(initial_row, dtype=np.float64).reshape(-1)
         if init.size != t:
             raise ValueError(f"initial_row must have {t} entries, got {init.size}")
-        out["fwt"] = _nanmean([R[j - 1, j] - init[j] for j in range(1, t)])
+        out["fwt"] = nanmean([R[j - 1, j] - init[j] for j in range(1, t)])
     return {k: _opt(v) for k, v in out.items()}
 
 

@@ -18,9 +18,7 @@ import optax
 from clu import metrics as clu_metrics
 from flax import nnx
 
-from clseg_jax import (
-    losses,
-)
+from clseg_jax import losses, tasks
 from clseg_jax.strategies import base
 
 PyTree = Any
@@ -98,23 +96,27 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_phase: int):
 
 
 def make_train_step(
-    forward: base.Forward, strategy: base.Strategy, tx: optax.GradientTransformation
+    forward: base.Forward,
+    strategy: base.Strategy,
+    tx: optax.GradientTransformation,
+    task: tasks.Task = tasks.SEGMENTATION,
 ) -> Callable:
     """``step(state, sstate, metrics, monitor, batch, key, class_mask) -> same first four``.
 
     One train-mode forward (one BatchNorm update) per step; the strategy adds to or replaces the
-    task loss, may transform the gradients and may update its state from the task gradients.
+    task loss (``task.loss``), may transform the gradients and may update its state from the task
+    gradients.
     """
 
     def loss_parts(params, batch_stats, batch, sstate, key, class_mask):
         outputs, new_stats = forward(params, batch_stats, batch["image"], True)
         logits = losses.mask_logits(outputs["logits"], class_mask)
         outputs = {**outputs, "logits": logits}
-        task = losses.cross_entropy(logits, batch["label"])
-        inputs = base.LossInputs(params, batch_stats, batch, outputs, task, class_mask)
+        task_loss = task.loss(logits, batch["label"], class_mask)
+        inputs = base.LossInputs(params, batch_stats, batch, outputs, task_loss, class_mask)
         value, _ = strategy.loss(inputs, sstate, key)
-        total = value if strategy.replaces_task_loss else task + value
-        return (total, task), (new_stats, inputs)
+        total = value if strategy.replaces_task_loss else task_loss + value
+        return (total, task_loss), (new_stats, inputs)
 
     def step(state: TrainState, sstate, metrics, monitor, batch, key, class_mask):
         key = jax.random.fold_in(key, state.step)
@@ -124,10 +126,10 @@ def make_train_step(
         def parts(p):
             return loss_parts(p, state.batch_stats, batch, sstate, k_loss, class_mask)
 
-        (data_loss, task), pullback, (new_stats, inputs) = jax.vjp(
+        (data_loss, task_loss), pullback, (new_stats, inputs) = jax.vjp(
             parts, state.params, has_aux=True
         )
-        one, zero = jnp.ones_like(task), jnp.zeros_like(task)
+        one, zero = jnp.ones_like(task_loss), jnp.zeros_like(task_loss)
         (grads,) = pullback((one, zero))
         task_grads = None
         if strategy.needs_task_grads:
@@ -146,8 +148,8 @@ def make_train_step(
         metrics = metrics.merge(
             TrainMetrics.single_from_model_output(
                 loss=total,
-                task_loss=task,
-                pixel_accuracy=losses.pixel_accuracy(inputs.outputs["logits"], batch["label"]),
+                task_loss=task_loss,
+                pixel_accuracy=task.accuracy(inputs.outputs["logits"], batch["label"], class_mask),
             )
         )
         finite = jnp.isfinite(total) & jnp.all(

@@ -23,7 +23,17 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from clseg_jax import checkpoint, data, evaluate, models, report, sharding, strategies, writers
+from clseg_jax import (
+    checkpoint,
+    data,
+    evaluate,
+    models,
+    report,
+    sharding,
+    strategies,
+    tasks,
+    writers,
+)
 from clseg_jax import metrics as metrics_lib
 from clseg_jax import step as step_lib
 from clseg_jax.data import base as data_base
@@ -37,9 +47,10 @@ class _Progress(NamedTuple):
     phase: int
     step_in_phase: int
     iterator: dict | None
-    rows: list  # confusions per finished phase: rows[i][j] = [K,K] nested lists
+    rows: list  # statistics per finished phase: rows[i][j] = [K,K] confusion or [K] APs
     initial_row: list | None
     timing: dict
+    rows_task_il: list | tuple = ()  # the same, task-incremental (config.eval_task_il)
 
 
 def _phases(stream, schedule) -> list[base.Phase]:
@@ -161,7 +172,17 @@ class _Run:
             config.model, self.stream.num_classes, seed=config.seed
         )
         self.forward = step_lib.make_forward(self.graphdef)
-        env = base.Env(self.forward, self.stream.num_classes, len(self.stream.experiences))
+        image_shape, label_shape = self._row_shapes()
+        self.task = tasks.for_stream(self.stream.kind, label_shape)
+        env = base.Env(
+            self.forward,
+            self.stream.num_classes,
+            len(self.stream.experiences),
+            image_shape=image_shape,
+            label_shape=label_shape,
+            seed=config.seed,
+            task=self.task,
+        )
         self.strategy = strategies.make(config.strategy, env)
         self.phases = _phases(self.stream, self.strategy.schedule(len(self.stream.experiences)))
         self.mesh = sharding.make_mesh(config.sharding.mesh)
@@ -196,8 +217,14 @@ class _Run:
             config=config.to_dict(),
         )
         self.evaluator = evaluate.Evaluator(
-            self.forward, self.stream, self.mesh, config.eval_batch_size
+            self.forward, self.stream, self.mesh, config.eval_batch_size, self.task
         )
+        self.task_il = bool(config.get("eval_task_il", False))
+        if self.task_il and self.task.name != "classification":
+            raise ValueError(
+                f"eval_task_il needs a classification stream; {self.stream.name!r} is "
+                f"{self.task.name}"
+            )
         self.stop_requested = False
 
     def __enter__(self):
@@ -267,19 +294,29 @@ class _Run:
                 return {}
         return self._finish(progress)
 
+    def _row_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """One training row's image and label shapes after cropping."""
+        example = self.stream.experiences[0].train[0]
+        image, label = np.shape(example["image"]), np.shape(example["label"])
+        crop = self.config.augment.crop
+        if crop and len(label) == 2:
+            return (crop, crop, 3), (crop, crop)
+        if crop:
+            return (crop, crop, 3), label
+        return image, label
+
     def _compile_step(self):
         """Compiles the step ahead of time; a call with other shapes would fail, not recompile."""
         cfg = self.config
-        step = step_lib.make_train_step(self.forward, self.strategy, self.tx)
+        step = step_lib.make_train_step(self.forward, self.strategy, self.tx, self.task)
         jitted = jit_train_step(
             step, array_shardings(self.arrays, self.mesh, self._rules), self.mesh
         )
-        example = self.stream.experiences[0].train[0]
-        hw = (cfg.augment.crop,) * 2 if cfg.augment.crop else example["label"].shape
+        image_shape, label_shape = self._row_shapes()
         b = cfg.batch_size
         batch = {
-            "image": jax.ShapeDtypeStruct((b, *hw, 3), jnp.uint8, sharding=self.batch_sh),
-            "label": jax.ShapeDtypeStruct((b, *hw), jnp.uint8, sharding=self.batch_sh),
+            "image": jax.ShapeDtypeStruct((b, *image_shape), jnp.uint8, sharding=self.batch_sh),
+            "label": jax.ShapeDtypeStruct((b, *label_shape), jnp.uint8, sharding=self.batch_sh),
         }
         k = self.stream.num_classes
         mask = jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=self.repl)
@@ -366,12 +403,21 @@ class _Run:
 
         t0 = time.perf_counter()
         confs = self.evaluator.row(state.params, state.batch_stats, phase.class_mask)
-        timing["eval_s"] += time.perf_counter() - t0
-        row = [metrics_lib.miou(c) for c in confs]
-        logging.info(
-            "after phase %d: mIoU per experience %s", phase.index, " ".join(f"{v:.3f}" for v in row)
+        task_il = (
+            self.evaluator.row_task_il(state.params, state.batch_stats) if self.task_il else []
         )
-        self.writer.write_scalars(global_step, {f"eval/miou_exp{j}": v for j, v in enumerate(row)})
+        timing["eval_s"] += time.perf_counter() - t0
+        row = [self.evaluator.score(c, j) for j, c in enumerate(confs)]
+        metric = self.task.metric
+        logging.info(
+            "after phase %d: %s per experience %s",
+            phase.index,
+            metric,
+            " ".join(f"{v:.3f}" for v in row),
+        )
+        self.writer.write_scalars(
+            global_step, {f"eval/{metric}_exp{j}": v for j, v in enumerate(row)}
+        )
         self.arrays = {"state": state, "sstate": sstate, "rng": rng}
         # JAX's own compile events in this phase (hooks, steps, evaluation): 0 after the first.
         timing["compiles_per_phase"].append(len(self.compile_events) - compiles_before)
@@ -382,6 +428,7 @@ class _Run:
             [*progress.rows, [c.tolist() for c in confs]],
             progress.initial_row,
             timing,
+            [*progress.rows_task_il, [c.tolist() for c in task_il]] if task_il else [],
         )
         self._save(progress)
         if self.stop_requested:
@@ -408,24 +455,37 @@ class _Run:
         self.ckpt.save(self.arrays, progress._asdict())
         progress.timing["checkpoint_s"] += time.perf_counter() - t0
 
+    def _per_class(self, stat: np.ndarray) -> np.ndarray:
+        """Per-class IoU, recall (classification) or AP (multi-label) of one statistic."""
+        if self.task.metric == "map":
+            return stat
+        if self.task.metric == "accuracy":
+            conf = np.asarray(stat, np.float64)
+            total = conf.sum(axis=1)
+            out = np.full(len(conf), np.nan)
+            np.divide(np.diag(conf), total, out=out, where=total > 0)
+            return out
+        return metrics_lib.iou_per_class(stat)
+
     def _finish(self, progress: _Progress) -> dict:
         cfg = self.config
         k = self.stream.num_classes
         confs = [[np.array(c) for c in row] for row in progress.rows]
-        R = [[metrics_lib.miou(c) for c in row] for row in confs]
-        initial = [metrics_lib.miou(np.array(c)) for c in progress.initial_row]
+        score = self.evaluator.score
+        R = [[score(c, j) for j, c in enumerate(row)] for row in confs]
+        initial = [score(np.array(c), j) for j, c in enumerate(progress.initial_row)]
         timing = dict(progress.timing)
         timing["compile_count"] = len(self.compile_events)
         timing["steps_per_s"] = timing["train_steps"] / max(timing["train_s"], 1e-9)
         results = {
-            "metric": "miou",
+            "metric": self.task.metric,
+            "task": self.task.name,
             "strategy": cfg.strategy.name,
             "accuracy_matrix": R,
             "initial_row": initial,
             **metrics_lib.cl_summary(R, initial if len(R) > 1 else None),
-            "per_class_iou": [
-                {str(c): v for c, v in enumerate(metrics_lib.iou_per_class(conf))}
-                for conf in confs[-1]
+            "per_class": [
+                {str(c): v for c, v in enumerate(self._per_class(stat))} for stat in confs[-1]
             ],
             "phases": [list(p.experiences) for p in self.phases],
             "stream": {
@@ -438,7 +498,12 @@ class _Run:
             "timing": timing,
             "config": cfg.to_dict(),
         }
-        if self.stream.kind == "class":
+        if progress.rows_task_il:
+            R_task = [
+                [score(np.array(c), j) for j, c in enumerate(row)] for row in progress.rows_task_il
+            ]
+            results["task_il"] = {"accuracy_matrix": R_task, **metrics_lib.cl_summary(R_task)}
+        if self.stream.kind == "class" and self.task.name == "segmentation":
             results["old_new_all"] = []
             for i, row in enumerate(confs):
                 phase = self.phases[i]

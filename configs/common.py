@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.batch_size = 32
     c.eval_batch_size = 64
+    # Classification streams: also score each test set with predictions limited to its own
+    # experience's classes (task-incremental), next to the class-incremental matrix.
+    c.eval_task_il = False
     c.epochs = 2
     c.augment = ml_collections.ConfigDict({"crop": 0, "flip": False})
     c.sharding = ml_collections.ConfigDict({"mesh": (("data", -1),), "param_rules": ()})

@@ -58,7 +58,14 @@ def test_strategy_contract(name, setup, tmp_path):
     cfg = cfg.copy_and_resolve_references()
     cfg.strategy.name = name
     forward = step_lib.make_forward(graphdef)
-    env = base.Env(forward, stream.num_classes, len(stream.experiences))
+    example = stream.experiences[0].train[0]
+    env = base.Env(
+        forward,
+        stream.num_classes,
+        len(stream.experiences),
+        image_shape=example["image"].shape,
+        label_shape=example["label"].shape,
+    )
     strategy = strategies.make(cfg.strategy, env)
     tx = step_lib.make_optimizer(cfg.optimizer, 4)
     mesh = sharding.make_mesh((("data", -1),))

@@ -76,7 +76,7 @@ def test_results_json_has_every_field(naive_run):
     np.testing.assert_allclose(on_disk["bwt"], np.mean([R[-1, j] - R[j, j] for j in range(3)]))
     fwt = np.mean([R[j - 1, j] - on_disk["initial_row"][j] for j in range(1, 4)])
     np.testing.assert_allclose(on_disk["fwt"], fwt)
-    assert len(on_disk["per_class_iou"]) == 4 and set(on_disk["per_class_iou"][0]) <= set("01234")
+    assert len(on_disk["per_class"]) == 4 and set(on_disk["per_class"][0]) <= set("01234")
     for key in ("train_s", "train_steps", "compile_s", "strategy_s", "eval_s", "compile_count"):
         assert key in on_disk["timing"], key
     assert on_disk["timing"]["train_steps"] == 4 * 32
@@ -180,9 +180,9 @@ def test_non_finite_loss_stops_and_keeps_only_finite_checkpoints(tmp_path):
 @pytest.mark.parametrize(
     "flag, message",
     [
-        ("--config.strategy.name=foo", "unknown strategy 'foo'; valid: ['cumulative', 'ewc',"),
+        ("--config.strategy.name=foo", "unknown strategy 'foo'; valid: ['agem', 'cumulative',"),
         ("--config.data.name=voc", "unknown dataset 'voc'; valid: ["),
-        ("--config.model.name=vgg", "unknown model 'vgg'; valid: ['unet']"),
+        ("--config.model.name=vgg", "unknown model 'vgg'; valid: ['resnet18', 'resnet34', 'unet']"),
     ],
 )
 def test_unknown_names_give_one_line_errors(flag, message, tmp_path):

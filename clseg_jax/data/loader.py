@@ -19,7 +19,8 @@ from clseg_jax.data import base
 class Augment(grain.transforms.RandomMap):
     """Paired image+mask augmentation: random crop to ``crop`` and horizontal flip.
 
-    Also applies the class visibility (background shift) to the label.
+    Also applies the class visibility (background shift) to the label. Whole-image labels (class
+    ids, multi-hot vectors) are not spatial: only the image is cropped and flipped.
     """
 
     def __init__(self, visible: np.ndarray, crop: int | None, flip: bool):
@@ -29,16 +30,21 @@ class Augment(grain.transforms.RandomMap):
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         image, label = element["image"], element["label"]
-        h, w = label.shape
+        dense = label.ndim == 2
+        h, w = image.shape[:2]
         if self.crop and (self.crop < h or self.crop < w):
             top = rng.integers(0, h - self.crop + 1)
             left = rng.integers(0, w - self.crop + 1)
             image = image[top : top + self.crop, left : left + self.crop]
-            label = label[top : top + self.crop, left : left + self.crop]
+            if dense:
+                label = label[top : top + self.crop, left : left + self.crop]
         if self.flip and rng.random() < 0.5:
-            image, label = image[:, ::-1], label[:, ::-1]
+            image = image[:, ::-1]
+            label = label[:, ::-1] if dense else label
         label = base.visible_labels(label, self.visible)
-        return {"image": np.ascontiguousarray(image), "label": np.ascontiguousarray(label)}
+        # ascontiguousarray would turn a 0-d class id into shape [1].
+        label = np.ascontiguousarray(label) if dense else label
+        return {"image": np.ascontiguousarray(image), "label": label}
 
 
 def train_dataset(

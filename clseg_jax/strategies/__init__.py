@@ -14,10 +14,23 @@ from typing import Any
 
 import ml_collections
 
-from clseg_jax.strategies import base, ewc, lfl, lwf, mas, naive, rehearsal, rwalk, si
+from clseg_jax.strategies import (
+    agem,
+    base,
+    ewc,
+    gem,
+    lfl,
+    lwf,
+    mas,
+    naive,
+    rehearsal,
+    replay,
+    rwalk,
+    si,
+)
 
 # Modules whose DEFAULTS go into config.strategy.
-MODULES = (naive, rehearsal, si, lwf, lfl, ewc, mas, rwalk)
+MODULES = (naive, rehearsal, si, lwf, lfl, ewc, mas, rwalk, replay, gem, agem)
 
 STRATEGIES: dict[str, Callable[..., base.Strategy]] = {
     "naive": naive.make,
@@ -29,6 +42,9 @@ STRATEGIES: dict[str, Callable[..., base.Strategy]] = {
     "ewc": ewc.make,
     "mas": mas.make,
     "rwalk": rwalk.make,
+    "replay": replay.make,
+    "gem": gem.make,
+    "agem": agem.make,
 }
 
 

@@ -34,6 +34,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from clseg_jax import tasks
+
 PyTree = Any
 Batch = dict[str, jax.Array]  # "image" [B,H,W,3] uint8, "label" [B,H,W] int (255 = ignore)
 # forward(params, batch_stats, images [B,H,W,3] float, train) -> (outputs, new_batch_stats);
@@ -91,11 +93,19 @@ class Env(NamedTuple):
       num_classes: size of the model head (the stream's label set, background included).
       num_experiences: length of the stream (an upper bound on the number of phases), for
         strategies that keep one fixed-size slot per experience.
+      image_shape: one training image's shape as the step sees it, ``(H, W, 3)``.
+      label_shape: one label's shape: ``(H, W)`` masks, ``()`` class ids, ``(K,)`` multi-hot.
+      seed: the run's seed, for host-side randomness between phases (memory selection).
+      task: what is predicted (``tasks.Task``): its loss is the one memory gradients use.
     """
 
     forward: Forward
     num_classes: int
     num_experiences: int
+    image_shape: tuple[int, ...] = ()
+    label_shape: tuple[int, ...] = ()
+    seed: int = 0
+    task: tasks.Task = tasks.SEGMENTATION
 
 
 def _init(params, batch_stats):
