@@ -53,8 +53,13 @@ class _Progress(NamedTuple):
     rows_task_il: list | tuple = ()  # the same, task-incremental (config.eval_task_il)
 
 
-def _phases(stream, schedule) -> list[base.Phase]:
-    """Phase descriptions for a schedule; classes seen accumulate over phases."""
+def _phases(stream, schedule, task_incremental: bool = False) -> list[base.Phase]:
+    """Phase descriptions for a schedule; classes seen accumulate over phases.
+
+    ``task_incremental``: the task id is known in training too, so a phase's step may predict
+    only its own experiences' classes (a per-task head by masking); otherwise every class seen
+    so far (class-incremental).
+    """
     out, seen = [], set()
     for i, exps in enumerate(schedule):
         labelled = _labelled(stream, exps)
@@ -66,9 +71,8 @@ def _phases(stream, schedule) -> list[base.Phase]:
         def batches(batch_size, source=source, visible=visible):
             return loader.host_batches(source, visible, batch_size)
 
-        out.append(
-            base.Phase(i, tuple(exps), new, tuple(sorted(seen)), stream.class_mask(seen), batches)
-        )
+        mask = stream.class_mask(sorted(labelled) if task_incremental else sorted(seen))
+        out.append(base.Phase(i, tuple(exps), new, tuple(sorted(seen)), mask, batches))
     return out
 
 
@@ -184,7 +188,11 @@ class _Run:
             task=self.task,
         )
         self.strategy = strategies.make(config.strategy, env)
-        self.phases = _phases(self.stream, self.strategy.schedule(len(self.stream.experiences)))
+        self.phases = _phases(
+            self.stream,
+            self.strategy.schedule(len(self.stream.experiences)),
+            task_incremental=bool(config.get("task_incremental", False)),
+        )
         self.mesh = sharding.make_mesh(config.sharding.mesh)
         self._rules = config.sharding.param_rules
         self.repl = sharding.replicated(self.mesh)
@@ -219,11 +227,11 @@ class _Run:
         self.evaluator = evaluate.Evaluator(
             self.forward, self.stream, self.mesh, config.eval_batch_size, self.task
         )
-        self.task_il = bool(config.get("eval_task_il", False))
+        self.task_il = bool(config.get("eval_task_il", False) or config.get("task_incremental"))
         if self.task_il and self.task.name != "classification":
             raise ValueError(
-                f"eval_task_il needs a classification stream; {self.stream.name!r} is "
-                f"{self.task.name}"
+                f"eval_task_il / task_incremental need a classification stream; "
+                f"{self.stream.name!r} is {self.task.name}"
             )
         self.stop_requested = False
 

@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Classification streams: also score each test set with predictions limited to its own
     # experience's classes (task-incremental), next to the class-incremental matrix.
     c.eval_task_il = False
+    # Task-incremental training: the task id is known, so each phase predicts only its own
+    # experience's classes (per-task heads by masking); implies eval_task_il.
+    c.task_incremental = False
     c.epochs = 2
     c.augment = ml_collections.ConfigDict({"crop": 0, "flip": False})
     c.sharding = ml_collections.ConfigDict({"mesh": (("data", -1),), "param_rules": ()})

@@ -2,24 +2,27 @@
 
 Single-label classification with a small-input ResNet-18 (reduced widths so a CPU run takes a
 minute). Scored class-incrementally (argmax over every class seen so far) and task-incrementally
-(the experience's own two classes: ``results.json["task_il"]``).
+(the experience's own two classes: ``results.json["task_il"]``). ``task_il`` makes it a
+task-incremental scenario: the task id is also given in training (each phase's head is its own two
+classes), and ``results.json["task_il"]`` is the matrix that counts.
 
   python -m clseg_jax.main --config=configs/split_digits.py:strategy=replay --workdir=runs/split
   python -m clseg_jax.main --config=configs/split_digits.py:compare --workdir=runs/split_cmp
+  python -m clseg_jax.main --config=configs/split_digits.py:task_il,compare --workdir=runs/til
 """
 
 from __future__ import annotations
 
 from configs import common
 
-EXAMPLE_ARGS = (None, "strategy=replay", "strategy=gem", "strategy=agem")
+EXAMPLE_ARGS = (None, "strategy=replay", "strategy=gem", "strategy=agem", "task_il")
 # Memory per method on this stream: as many replayed rows as new ones; 16 rows per experience for
 # GEM's constraints (the registry default is 32) keeps its per-block passes at one batch each.
 MEMORY = {"replay_batch": 16, "gem_mem_per_exp": 16, "agem_mem_per_exp": 16, "agem_sample_size": 16}
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, strategy="naive", compare=False, seed=0)
+    a = common.parse_arg(arg, strategy="naive", compare=False, seed=0, task_il=False)
     c = common.base_config()
     c.seed = a.seed
     c.data.name = "digits_cls"
@@ -33,6 +36,7 @@ def get_config(arg: str | None = None):
     c.batch_size = 16
     c.eval_batch_size = 100
     c.eval_task_il = True
+    c.task_incremental = a.task_il
     c.epochs = 3
     # Plain SGD as in the GEM and A-GEM papers: momentum would carry past a projected gradient
     # what the projection removed.

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clseg_jax import losses, metrics, tasks, train
+from clseg_jax import data, losses, metrics, tasks, train
 from clseg_jax.data import base
 from configs import multilabel_digits, split_digits
 
@@ -82,3 +82,13 @@ def test_multilabel_digits_reports_map(tmp_path):
     R = np.array(r["accuracy_matrix"])
     assert R.shape == (3, 3) and np.all((R >= 0) & (R <= 1))
     assert len(r["per_class"][0]) == 10
+
+
+def test_task_incremental_training_masks_each_phase_to_its_classes():
+    cfg = split_digits.get_config("task_il")
+    stream = data.make(cfg.data)
+    schedule = tuple((i,) for i in range(5))
+    for p, e in zip(train._phases(stream, schedule, True), stream.experiences, strict=True):
+        assert np.flatnonzero(p.class_mask).tolist() == list(e.classes)
+    class_il = train._phases(stream, schedule)
+    assert np.flatnonzero(class_il[2].class_mask).tolist() == list(range(6))
