@@ -88,3 +88,19 @@ def multilabel_accuracy(logits: jax.Array, targets: jax.Array, class_mask: jax.A
     valid = (targets != IGNORE) & class_mask
     hit = ((logits > 0) == (targets == 1)) & valid
     return jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def binary_distillation(
+    new_logits: jax.Array, old_logits: jax.Array, class_mask: jax.Array
+) -> jax.Array:
+    """Multi-label distillation: sigmoid cross-entropy of the new logits against the old model's
+    sigmoid outputs as soft targets, mean over rows and the classes in ``class_mask`` (the old
+    model's). Logits ``[B,K]``; returns a scalar, 0 with an empty mask."""
+    target = jax.nn.sigmoid(old_logits.astype(jnp.float32))
+    x = new_logits.astype(jnp.float32)
+    per = jnp.maximum(x, 0.0) - x * target + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    # Subtract the targets' own entropy so a perfect match scores 0 (a KL, like ``distillation``).
+    t = jnp.clip(target, 1e-7, 1 - 1e-7)
+    per = per + t * jnp.log(t) + (1 - t) * jnp.log1p(-t)
+    count = jnp.maximum(jnp.sum(class_mask) * x.shape[0], 1)
+    return jnp.sum(jnp.where(class_mask, per, 0.0)) / count

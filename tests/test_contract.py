@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clseg_jax import checkpoint, data, models, sharding, strategies
+from clseg_jax import checkpoint, data, models, sharding, strategies, tasks
 from clseg_jax import step as step_lib
 from clseg_jax import train as train_lib
 from clseg_jax.data import loader
 from clseg_jax.strategies import base
+from configs import multilabel_digits, split_digits
 from tests import tiny
 
 
@@ -43,18 +44,41 @@ def _signature(tree):
     return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
 
 
+# Strategies defined for one kind of task only run their contract on a stream of that kind.
+TASK_OF = {"ppi": "multilabel", "icarl": "classification"}
+
+
+def _config(task: str):
+    if task == "segmentation":
+        cfg = tiny.config()
+        cfg.data.num_experiences = 3
+        return cfg
+    cfg = (multilabel_digits if task == "multilabel" else split_digits).get_config()
+    cfg.data.classes_per_step = (4, 3, 3)
+    cfg.data.train_per_exp = 24
+    cfg.data.test_per_exp = 8
+    cfg.model.kwargs.widths = (4, 8, 8, 8)
+    return cfg
+
+
 @pytest.fixture(scope="module")
-def setup():
-    cfg = tiny.config()
-    cfg.data.num_experiences = 3
-    stream = data.make(cfg.data)
-    graphdef, params, stats = models.init(cfg.model, stream.num_classes, seed=0)
-    return cfg, stream, graphdef, params, stats
+def setups():
+    cache = {}
+
+    def get(task):
+        if task not in cache:
+            cfg = _config(task)
+            stream = data.make(cfg.data)
+            graphdef, params, stats = models.init(cfg.model, stream.num_classes, seed=0)
+            cache[task] = cfg, stream, graphdef, params, stats
+        return cache[task]
+
+    return get
 
 
 @pytest.mark.parametrize("name", sorted(strategies.STRATEGIES))
-def test_strategy_contract(name, setup, tmp_path):
-    cfg, stream, graphdef, params, stats = setup
+def test_strategy_contract(name, setups, tmp_path):
+    cfg, stream, graphdef, params, stats = setups(TASK_OF.get(name, "segmentation"))
     cfg = cfg.copy_and_resolve_references()
     cfg.strategy.name = name
     forward = step_lib.make_forward(graphdef)
@@ -65,6 +89,7 @@ def test_strategy_contract(name, setup, tmp_path):
         len(stream.experiences),
         image_shape=example["image"].shape,
         label_shape=example["label"].shape,
+        task=tasks.for_stream(stream.kind, example["label"].shape),
     )
     strategy = strategies.make(cfg.strategy, env)
     tx = step_lib.make_optimizer(cfg.optimizer, 4)
@@ -79,7 +104,7 @@ def test_strategy_contract(name, setup, tmp_path):
     # The trainer's jit, not its AOT executable: a changed shape, sharding or captured constant
     # would recompile here, and show in the count.
     step = train_lib.jit_train_step(
-        step_lib.make_train_step(forward, strategy, tx), shardings, mesh
+        step_lib.make_train_step(forward, strategy, tx, env.task), shardings, mesh
     )
     repl = sharding.replicated(mesh)
     # Drive three experiences one by one whatever the strategy's own schedule.

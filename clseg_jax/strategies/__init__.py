@@ -23,6 +23,7 @@ from clseg_jax.strategies import (
     lwf,
     mas,
     naive,
+    ppi,
     rehearsal,
     replay,
     rwalk,
@@ -30,7 +31,7 @@ from clseg_jax.strategies import (
 )
 
 # Modules whose DEFAULTS go into config.strategy.
-MODULES = (naive, rehearsal, si, lwf, lfl, ewc, mas, rwalk, replay, gem, agem)
+MODULES = (naive, rehearsal, si, lwf, lfl, ewc, mas, rwalk, replay, gem, agem, ppi)
 
 STRATEGIES: dict[str, Callable[..., base.Strategy]] = {
     "naive": naive.make,
@@ -45,6 +46,7 @@ STRATEGIES: dict[str, Callable[..., base.Strategy]] = {
     "replay": replay.make,
     "gem": gem.make,
     "agem": agem.make,
+    "ppi": ppi.make,
 }
 
 

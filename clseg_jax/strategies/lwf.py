@@ -14,6 +14,9 @@ the paper (lambda_o = 1, T = 2).
 The current model's logits are masked to the classes seen so far; the old model's classes are a
 subset of those in class-incremental streams, so every distilled class is a live output.
 
+Multi-label tasks distil per class instead (``losses.binary_distillation``: the old sigmoid
+outputs as soft targets, no temperature), the multi-label LwF of the PPI paper's baselines.
+
 State: a ``snapshot.Snapshot`` (a copy of the parameters and batch statistics, ``class_mask
 bool [K]``, ``active float32 []``), inactive until the first phase ends, so the loss is exactly 0
 during the first phase without a Python branch.
@@ -45,9 +48,14 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         del key
         old = snapshot.outputs(env.forward, snap, inputs.batch["image"])
-        kd = losses.distillation(
-            inputs.outputs["logits"], old["logits"], snap.class_mask, temperature
-        )
+        if env.task.name == "multilabel":
+            kd = losses.binary_distillation(
+                inputs.outputs["logits"], old["logits"], snap.class_mask
+            )
+        else:
+            kd = losses.distillation(
+                inputs.outputs["logits"], old["logits"], snap.class_mask, temperature
+            )
         value = snap.active * alpha * kd
         return value, {"lwf": value}
 
