@@ -237,10 +237,15 @@ def comparison_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
         ``"summary"``, and ``timing = {"train_s": ..., "train_steps": ...}``.
 
     Returns:
-      The table as a string (header, rule, one line per strategy). mIoU-type values use 4
+      The table as a string (header, rule, one line per strategy). Metric values use 4
       decimals, train seconds 1 and steps/s 2; missing, ``None`` or NaN values show as ``-``.
+      The average column names the results' ``metric`` (mIoU, accuracy or mAP).
     """
-    header = ["strategy", "avg mIoU", "forgetting", "BWT", "FWT", "avg diag", "train s", "steps/s"]
+    metrics = {r.get("metric", "miou") for r in rows.values()}
+    labels = {"miou": "mIoU", "accuracy": "acc", "map": "mAP"}
+    name = labels.get(next(iter(metrics), "miou"), "mIoU")
+    avg = f"avg {name}" if len(metrics) == 1 else "avg"
+    header = ["strategy", avg, "forgetting", "BWT", "FWT", "avg diag", "train s", "steps/s"]
     table = [header]
     for name, result in rows.items():
         timing = result.get("timing") or {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from configs import common
 
-EXAMPLE_ARGS = (None, "strategy=replay", "strategy=gem")
+EXAMPLE_ARGS = (None, "strategy=ppi", "strategy=lwf", "strategy=replay", "strategy=gem")
 
 
 def get_config(arg: str | None = None):
@@ -37,5 +37,5 @@ def get_config(arg: str | None = None):
     c.log_every_steps = 16
     c.strategy.name = a.strategy
     c.strategy.replay_batch = 16
-    c.compare = ("naive", "replay", "gem", "cumulative") if a.compare else ()
+    c.compare = ("naive", "lwf", "ppi", "replay", "gem", "agem", "cumulative") if a.compare else ()
     return c
