@@ -4,6 +4,10 @@ Segmentation and classification: the eval step adds one batch's ``[K,K]`` confus
 matrix that stays on device; the host reads it once per test set. Multi-label: the step returns
 sigmoid scores, kept on device until the test set ends; the host then reads them once and computes
 each class's average precision. Padded rows carry ignore labels, so every example counts once.
+
+A strategy with its own evaluation rule (``Strategy.predict``, e.g. iCaRL's nearest mean of
+exemplars) scores from the eval-mode outputs and its state; the state is an argument of the
+compiled step (replicated), so one program serves every phase.
 """
 
 from __future__ import annotations
@@ -21,12 +25,18 @@ from clseg_jax.data import loader
 from clseg_jax.strategies import base
 
 
-def make_eval_step(forward: base.Forward, num_classes: int) -> Callable:
-    """``step(params, batch_stats, conf [K,K], batch, class_mask [K]) -> conf``."""
+def make_eval_step(
+    forward: base.Forward, num_classes: int, predict: base.Predict | None = None
+) -> Callable:
+    """``step(params, batch_stats, conf [K,K], batch, class_mask [K], sstate) -> conf``.
 
-    def step(params, batch_stats, conf, batch, class_mask):
+    Scores are ``predict(outputs, sstate)`` when given, else the logits (``sstate`` unused).
+    """
+
+    def step(params, batch_stats, conf, batch, class_mask, sstate):
         outputs, _ = forward(params, batch_stats, batch["image"], False)
-        pred = jnp.argmax(losses.mask_logits(outputs["logits"], class_mask), axis=-1)
+        scores = outputs["logits"] if predict is None else predict(outputs, sstate)
+        pred = jnp.argmax(losses.mask_logits(scores, class_mask), axis=-1)
         return conf + metrics.confusion(batch["label"], pred, num_classes)
 
     return step
@@ -52,6 +62,9 @@ class Evaluator:
       batch_size: global evaluation batch size.
       task: what is scored (``tasks.Task``); a confusion per test set, or for "multilabel" the
         average precision of every class ``[K]``.
+      predict: the strategy's evaluation rule (``Strategy.predict``), or None for the argmax of
+        the logits; with one, pass the strategy state as ``sstate`` to ``compile`` / ``row`` /
+        ``row_task_il`` / ``evaluate``.
     """
 
     def __init__(
@@ -61,8 +74,14 @@ class Evaluator:
         mesh: Mesh,
         batch_size: int,
         task: tasks.Task = tasks.SEGMENTATION,
+        predict: base.Predict | None = None,
     ):
+        if predict is not None and task.metric == "map":
+            raise ValueError(
+                f"a strategy's predict needs a segmentation or classification task, not {task.name}"
+            )
         self.stream = stream
+        self.predict = predict
         self.task = task
         self.mesh = mesh
         self.batch_size = batch_size
@@ -72,13 +91,25 @@ class Evaluator:
             self._step = jax.jit(make_score_step(forward), out_shardings=self._repl)
         else:
             self._step = jax.jit(
-                make_eval_step(forward, stream.num_classes),
+                make_eval_step(forward, stream.num_classes, predict),
                 out_shardings=self._repl,
                 donate_argnums=(2,),
             )
         self._compiled = None
 
-    def compile(self, params, batch_stats) -> None:
+    def _sstate(self, sstate):
+        """What the step receives as the strategy state: nothing unless ``predict`` reads it.
+
+        Replicated here: hooks run on the host and may leave it anywhere, and the compiled step
+        wants one placement.
+        """
+        if self.predict is None:
+            return ()
+        if sstate is None:
+            raise ValueError("this Evaluator scores with a strategy's predict: pass its sstate")
+        return jax.device_put(sstate, self._repl)
+
+    def compile(self, params, batch_stats, sstate=None) -> None:
         """Compiles ahead of time (so compile time is measured apart from evaluation)."""
         k = self.stream.num_classes
         x = self.stream.experiences[0].test[0]
@@ -95,15 +126,21 @@ class Evaluator:
             return
         conf = jax.ShapeDtypeStruct((k, k), jnp.int32, sharding=self._repl)
         mask = jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=self._repl)
-        self._compiled = self._step.lower(params, batch_stats, conf, batch, mask).compile()
+        st = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._repl),
+            self._sstate(sstate),
+        )
+        self._compiled = self._step.lower(params, batch_stats, conf, batch, mask, st).compile()
 
-    def evaluate(self, params, batch_stats, experience: int, class_mask: np.ndarray) -> np.ndarray:
+    def evaluate(
+        self, params, batch_stats, experience: int, class_mask: np.ndarray, sstate=None
+    ) -> np.ndarray:
         """An experience's test statistic: ``[K,K]`` confusion, or ``[K]`` APs (multi-label)."""
         if self._compiled is None:
-            self.compile(params, batch_stats)
+            self.compile(params, batch_stats, sstate)
         if self.task.metric == "map":
             return self.average_precisions(params, batch_stats, experience)
-        return self.confusion(params, batch_stats, experience, class_mask)
+        return self.confusion(params, batch_stats, experience, class_mask, sstate)
 
     def average_precisions(self, params, batch_stats, experience: int) -> np.ndarray:
         """``[K]`` AP of each class on an experience's test set (full labels; NaN where a class
@@ -124,10 +161,13 @@ class Evaluator:
         keep = ~(y == 255).all(axis=1)  # padding rows
         return metrics.average_precision_per_class(s[keep], y[keep])
 
-    def confusion(self, params, batch_stats, experience: int, class_mask: np.ndarray) -> np.ndarray:
+    def confusion(
+        self, params, batch_stats, experience: int, class_mask: np.ndarray, sstate=None
+    ) -> np.ndarray:
         """``[K,K]`` confusion on an experience's test set, labels of classes seen by then."""
         if self._compiled is None:
-            self.compile(params, batch_stats)
+            self.compile(params, batch_stats, sstate)
+        st = self._sstate(sstate)
         k = self.stream.num_classes
         visible = self.stream.class_mask(self.stream.seen_classes(experience))
         conf = jax.device_put(jnp.zeros((k, k), jnp.int32), self._repl)
@@ -140,21 +180,23 @@ class Evaluator:
             process_count=jax.process_count(),
         ):
             batch = sharding.global_batch(local, self._batch_sharding)
-            conf = self._compiled(params, batch_stats, conf, batch, mask)
+            conf = self._compiled(params, batch_stats, conf, batch, mask, st)
         return np.asarray(jax.device_get(conf))
 
-    def row(self, params, batch_stats, class_mask: np.ndarray) -> list[np.ndarray]:
+    def row(self, params, batch_stats, class_mask: np.ndarray, sstate=None) -> list[np.ndarray]:
         """Statistics on every experience's test set: one row of the accuracy matrix."""
+        sstate = self._sstate(sstate)  # placed once per row, not once per test set
         return [
-            self.evaluate(params, batch_stats, j, class_mask)
+            self.evaluate(params, batch_stats, j, class_mask, sstate)
             for j in range(len(self.stream.experiences))
         ]
 
-    def row_task_il(self, params, batch_stats) -> list[np.ndarray]:
+    def row_task_il(self, params, batch_stats, sstate=None) -> list[np.ndarray]:
         """Task-incremental row: experience j's test set with predictions limited to its classes
         (the task id is given at test time)."""
+        sstate = self._sstate(sstate)
         return [
-            self.evaluate(params, batch_stats, j, self.stream.class_mask(e.classes))
+            self.evaluate(params, batch_stats, j, self.stream.class_mask(e.classes), sstate)
             for j, e in enumerate(self.stream.experiences)
         ]
 

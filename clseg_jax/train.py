@@ -225,7 +225,12 @@ class _Run:
             config=config.to_dict(),
         )
         self.evaluator = evaluate.Evaluator(
-            self.forward, self.stream, self.mesh, config.eval_batch_size, self.task
+            self.forward,
+            self.stream,
+            self.mesh,
+            config.eval_batch_size,
+            self.task,
+            predict=self.strategy.predict,
         )
         self.task_il = bool(config.get("eval_task_il", False) or config.get("task_incremental"))
         if self.task_il and self.task.name != "classification":
@@ -286,13 +291,13 @@ class _Run:
         t0 = time.perf_counter()
         step_fn = self._compile_step()
         state = self.arrays["state"]
-        self.evaluator.compile(state.params, state.batch_stats)
+        self.evaluator.compile(state.params, state.batch_stats, self.arrays["sstate"])
         timing["compile_s"] += time.perf_counter() - t0
 
         if progress.initial_row is None:
             t0 = time.perf_counter()
             full = np.ones(self.stream.num_classes, bool)
-            confs = self.evaluator.row(state.params, state.batch_stats, full)
+            confs = self.evaluator.row(state.params, state.batch_stats, full, self.arrays["sstate"])
             progress = progress._replace(initial_row=[c.tolist() for c in confs])
             timing["eval_s"] += time.perf_counter() - t0
 
@@ -410,9 +415,11 @@ class _Run:
         timing["strategy_s"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        confs = self.evaluator.row(state.params, state.batch_stats, phase.class_mask)
+        confs = self.evaluator.row(state.params, state.batch_stats, phase.class_mask, sstate)
         task_il = (
-            self.evaluator.row_task_il(state.params, state.batch_stats) if self.task_il else []
+            self.evaluator.row_task_il(state.params, state.batch_stats, sstate)
+            if self.task_il
+            else []
         )
         timing["eval_s"] += time.perf_counter() - t0
         row = [self.evaluator.score(c, j) for j, c in enumerate(confs)]

@@ -15,10 +15,26 @@ from __future__ import annotations
 
 from configs import common
 
-EXAMPLE_ARGS = (None, "strategy=replay", "strategy=gem", "strategy=agem", "task_il")
-# Memory per method on this stream: as many replayed rows as new ones; 16 rows per experience for
-# GEM's constraints (the registry default is 32) keeps its per-block passes at one batch each.
-MEMORY = {"replay_batch": 16, "gem_mem_per_exp": 16, "agem_mem_per_exp": 16, "agem_sample_size": 16}
+EXAMPLE_ARGS = (
+    None,
+    "strategy=replay",
+    "strategy=gem",
+    "strategy=agem",
+    "strategy=der",
+    "strategy=icarl",
+    "task_il",
+)
+# Memory per method on this stream: as many replayed rows as new ones (DER++: per minibatch, two
+# per step); 16 rows per experience for GEM's constraints (the registry default is 32) keeps its
+# per-block passes at one batch each.
+MEMORY = {
+    "replay_batch": 16,
+    "gem_mem_per_exp": 16,
+    "agem_mem_per_exp": 16,
+    "agem_sample_size": 16,
+    "der_batch": 16,
+    "icarl_batch": 16,
+}
 
 
 def get_config(arg: str | None = None):
@@ -46,5 +62,7 @@ def get_config(arg: str | None = None):
     c.log_every_steps = 16
     c.strategy.name = a.strategy
     c.strategy.update(MEMORY)
-    c.compare = ("naive", "replay", "gem", "agem", "cumulative") if a.compare else ()
+    c.compare = (
+        ("naive", "replay", "der", "icarl", "gem", "agem", "cumulative") if a.compare else ()
+    )
     return c

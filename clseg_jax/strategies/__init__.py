@@ -17,8 +17,10 @@ import ml_collections
 from clseg_jax.strategies import (
     agem,
     base,
+    der,
     ewc,
     gem,
+    icarl,
     lfl,
     lwf,
     mas,
@@ -31,7 +33,7 @@ from clseg_jax.strategies import (
 )
 
 # Modules whose DEFAULTS go into config.strategy.
-MODULES = (naive, rehearsal, si, lwf, lfl, ewc, mas, rwalk, replay, gem, agem, ppi)
+MODULES = (naive, rehearsal, si, lwf, lfl, ewc, mas, rwalk, replay, gem, agem, ppi, der, icarl)
 
 STRATEGIES: dict[str, Callable[..., base.Strategy]] = {
     "naive": naive.make,
@@ -47,6 +49,8 @@ STRATEGIES: dict[str, Callable[..., base.Strategy]] = {
     "gem": gem.make,
     "agem": agem.make,
     "ppi": ppi.make,
+    "der": der.make,
+    "icarl": icarl.make,
 }
 
 

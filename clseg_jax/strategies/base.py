@@ -16,14 +16,16 @@ trainer calls them:
             grads = transform_grads(grads, LossInputs, sstate, key)           # GEM, A-GEM, PPI
             sstate = on_step(sstate, task_grads, old_params, new_params)      # SI path integral
         sstate = after_phase(params, batch_stats, sstate, phase)              # Fisher, memory
-        evaluate
+        evaluate                         # scores = predict(outputs, sstate) if set, else logits
 
 A strategy that needs a frozen previous model keeps its parameters in ``sstate`` and calls the
 ``forward`` it was built with in eval mode (``train=False``), which reads running statistics and
 updates none. Regularisers that depend on the parameters alone go in ``penalty``: their gradient is
 taken apart from the data backward pass, so ``needs_task_grads`` (SI, RWalk) costs nothing extra
 unless some strategy also adds a data-dependent ``loss`` (then a second backward pass gives the
-task gradient). ``chain`` composes strategies.
+task gradient). A strategy that classifies by other means than the head's logits (iCaRL's
+nearest mean of exemplars) sets ``predict``: the compiled evaluation step then takes the strategy
+state as an argument and scores with it. ``chain`` composes strategies.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ Batch = dict[str, jax.Array]  # "image" [B,H,W,3] uint8, "label" [B,H,W] int (25
 # forward(params, batch_stats, images [B,H,W,3] float, train) -> (outputs, new_batch_stats);
 # outputs = {"logits": [B,H,W,K], "features": [B,h,w,C], ...}.
 Forward = Callable[[PyTree, PyTree, jax.Array, bool], tuple[dict[str, jax.Array], PyTree]]
+# predict(eval-mode outputs, sstate) -> scores shaped like outputs["logits"]; argmax = prediction.
+Predict = Callable[[dict[str, jax.Array], PyTree], jax.Array]
 
 
 class Phase(NamedTuple):
@@ -173,6 +177,10 @@ class Strategy(NamedTuple):
       schedule(num_experiences) -> tuple of tuples of experience indices, one per phase
       replaces_task_loss: ``loss`` returns the whole objective (MiB, PLOP, BCE heads)
       needs_task_grads: ``on_step`` receives d(task loss)/d(params), else None
+      predict(outputs, SState) -> scores                                           in jit (eval)
+        optional evaluation rule (iCaRL's nearest mean of exemplars): ``outputs`` are the raw
+        eval-mode outputs, ``scores`` have the logits' shape ``[B,K]`` / ``[B,H,W,K]`` and are
+        class-masked and argmaxed by the evaluator; None = argmax of the logits
     """
 
     init: Callable = _init
@@ -186,13 +194,14 @@ class Strategy(NamedTuple):
     schedule: Callable[[int], tuple[tuple[int, ...], ...]] = one_per_experience
     replaces_task_loss: bool = False
     needs_task_grads: bool = False
+    predict: Predict | None = None
 
 
 def chain(*strategies: Strategy) -> Strategy:
     """Composes strategies: losses add, gradient transforms apply in order, states form a tuple.
 
     At most one member may replace the task loss (it would otherwise be counted twice or lost) and
-    at most one may change the schedule.
+    at most one may change the schedule or define ``predict`` (the evaluation rule).
     """
     if len(strategies) == 1:
         return strategies[0]
@@ -201,6 +210,9 @@ def chain(*strategies: Strategy) -> Strategy:
     schedules = {s.schedule for s in strategies} - {one_per_experience}
     if len(schedules) > 1:
         raise ValueError("chain: at most one strategy may change the phase schedule")
+    predictor = [i for i, s in enumerate(strategies) if s.predict is not None]
+    if len(predictor) > 1:
+        raise ValueError("chain: at most one strategy may define predict (the evaluation rule)")
     replacer = next((i for i, s in enumerate(strategies) if s.replaces_task_loss), None)
 
     def init(params, batch_stats):
@@ -255,6 +267,10 @@ def chain(*strategies: Strategy) -> Strategy:
             for s, st in zip(strategies, sstate, strict=True)
         )
 
+    def predict(outputs, sstate):
+        i = predictor[0]
+        return strategies[i].predict(outputs, sstate[i])
+
     return Strategy(
         init=init,
         before_phase=before_phase,
@@ -269,4 +285,5 @@ def chain(*strategies: Strategy) -> Strategy:
         schedule=next(iter(schedules), one_per_experience),
         replaces_task_loss=replacer is not None,
         needs_task_grads=any(s.needs_task_grads for s in strategies),
+        predict=predict if predictor else None,
     )
