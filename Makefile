@@ -21,9 +21,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m clseg_jax.main --config=configs/shapes_di.py:compare --workdir=runs/demo
 
+# Two pytest workers (pytest-xdist), one test file each at a time so module fixtures run once:
+# most tests are dominated by XLA compilation, which is single-threaded.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -ra --durations=15
+	$(BIN)/python -m pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile --durations=15
 
 # Full-size runs (minutes each); not part of `make test`.
 test-slow: $(STAMP)
