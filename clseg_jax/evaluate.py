@@ -43,11 +43,19 @@ def make_eval_step(
 
 
 def make_score_step(forward: base.Forward) -> Callable:
-    """``step(params, batch_stats, batch) -> sigmoid scores [B,K]`` (multi-label)."""
+    """``step(params, batch_stats, batch) -> (scores [B,K], labels [B,K], fingerprint [B])``.
+
+    Multi-label: sigmoid scores, the (global) labels, and a uint32 hash of each image so that an
+    image in several tasks' test sets counts once in the overall mAP.
+    """
 
     def step(params, batch_stats, batch):
         outputs, _ = forward(params, batch_stats, batch["image"], False)
-        return jax.nn.sigmoid(outputs["logits"].astype(jnp.float32))
+        images = batch["image"].reshape(batch["image"].shape[0], -1).astype(jnp.uint32)
+        coeffs = jnp.arange(images.shape[1], dtype=jnp.uint32) * jnp.uint32(2654435761) + 1
+        fingerprint = jnp.sum(images * coeffs, axis=1, dtype=jnp.uint32)
+        scores = jax.nn.sigmoid(outputs["logits"].astype(jnp.float32))
+        return scores, batch["label"], fingerprint
 
     return step
 
@@ -142,10 +150,12 @@ class Evaluator:
             return self.average_precisions(params, batch_stats, experience)
         return self.confusion(params, batch_stats, experience, class_mask, sstate)
 
-    def average_precisions(self, params, batch_stats, experience: int) -> np.ndarray:
-        """``[K]`` AP of each class on an experience's test set (full labels; NaN where a class
-        has no positive). Scores stay on device until the set ends: one host read."""
-        scores, labels = [], []
+    def _scores(self, params, batch_stats, experience: int):
+        """Scores, labels and image fingerprints of an experience's test set (padding dropped);
+        on device until the set ends: one host read."""
+        if self._compiled is None:
+            self.compile(params, batch_stats)
+        out = []
         for local in loader.eval_batches(
             self.stream.experiences[experience].test,
             np.ones(self.stream.num_classes, bool),
@@ -154,12 +164,27 @@ class Evaluator:
             process_count=jax.process_count(),
         ):
             batch = sharding.global_batch(local, self._batch_sharding)
-            scores.append(self._compiled(params, batch_stats, batch))
-            labels.append(local["label"])
-        s = np.asarray(jax.device_get(jnp.concatenate(scores)))
-        y = np.concatenate(labels)
+            out.append(self._compiled(params, batch_stats, batch))
+        s, y, f = (
+            np.asarray(a) for a in jax.device_get(jax.tree.map(lambda *a: jnp.concatenate(a), *out))
+        )
         keep = ~(y == 255).all(axis=1)  # padding rows
-        return metrics.average_precision_per_class(s[keep], y[keep])
+        return s[keep], y[keep], f[keep]
+
+    def average_precisions(self, params, batch_stats, experience: int) -> np.ndarray:
+        """``[K]`` AP of each class on an experience's test set (full labels; NaN where a class
+        has no positive)."""
+        s, y, _ = self._scores(params, batch_stats, experience)
+        return metrics.average_precision_per_class(s, y)
+
+    def overall_map(self, params, batch_stats, experiences, classes) -> float:
+        """Mean AP over ``classes`` on the union of the experiences' test sets, each image once
+        (an image holding classes of two tasks is in both tasks' sets)."""
+        parts = [self._scores(params, batch_stats, j) for j in experiences]
+        s, y, f = (np.concatenate(a) for a in zip(*parts, strict=True))
+        _, first = np.unique(np.concatenate([f[:, None], y], axis=1), axis=0, return_index=True)
+        ap = metrics.average_precision_per_class(s[first], y[first])
+        return metrics.nanmean(ap[list(classes)])
 
     def confusion(
         self, params, batch_stats, experience: int, class_mask: np.ndarray, sstate=None

@@ -51,6 +51,7 @@ class _Progress(NamedTuple):
     initial_row: list | None
     timing: dict
     rows_task_il: list | tuple = ()  # the same, task-incremental (config.eval_task_il)
+    overall: list | tuple = ()  # multi-label: mAP over seen classes on the seen tasks' images
 
 
 def _phases(stream, schedule, task_incremental: bool = False) -> list[base.Phase]:
@@ -421,6 +422,12 @@ class _Run:
             if self.task_il
             else []
         )
+        overall = None
+        if self.task.metric == "map":
+            upto = max(phase.experiences)
+            overall = self.evaluator.overall_map(
+                state.params, state.batch_stats, range(upto + 1), phase.seen_classes
+            )
         timing["eval_s"] += time.perf_counter() - t0
         row = [self.evaluator.score(c, j) for j, c in enumerate(confs)]
         metric = self.task.metric
@@ -444,6 +451,7 @@ class _Run:
             progress.initial_row,
             timing,
             [*progress.rows_task_il, [c.tolist() for c in task_il]] if task_il else [],
+            [*progress.overall, overall] if overall is not None else [],
         )
         self._save(progress)
         if self.stop_requested:
@@ -513,6 +521,8 @@ class _Run:
             "timing": timing,
             "config": cfg.to_dict(),
         }
+        if progress.overall:
+            results["overall_map"] = list(progress.overall)
         if progress.rows_task_il:
             R_task = [
                 [score(np.array(c), j) for j, c in enumerate(row)] for row in progress.rows_task_il

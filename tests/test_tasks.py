@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clseg_jax import data, losses, metrics, tasks, train
+from clseg_jax import data, evaluate, losses, metrics, models, sharding, tasks, train
+from clseg_jax import step as step_lib
 from clseg_jax.data import base
 from configs import multilabel_digits, split_digits
 
@@ -82,6 +83,27 @@ def test_multilabel_digits_reports_map(tmp_path):
     R = np.array(r["accuracy_matrix"])
     assert R.shape == (3, 3) and np.all((R >= 0) & (R <= 1))
     assert len(r["per_class"][0]) == 10
+    # Overall mAP after phase 0: the seen classes are task 0's, the images task 0's test set.
+    assert len(r["overall_map"]) == 3
+    assert r["overall_map"][0] == pytest.approx(R[0, 0], abs=1e-9)
+
+
+def test_overall_map_counts_an_image_in_two_task_sets_once():
+    cfg = _tiny(multilabel_digits.get_config())
+    cfg.model.kwargs.widths = (4, 8, 8, 8)
+    stream = data.make(cfg.data)
+    graphdef, params, stats = models.init(cfg.model, stream.num_classes, seed=0)
+    ev = evaluate.Evaluator(
+        step_lib.make_forward(graphdef),
+        stream,
+        sharding.make_mesh((("data", -1),)),
+        16,
+        tasks.MULTILABEL,
+    )
+    classes = stream.experiences[0].classes
+    once = ev.overall_map(params, stats, [0], classes)
+    assert ev.overall_map(params, stats, [0, 0], classes) == pytest.approx(once, abs=1e-12)
+    assert once == pytest.approx(ev.score(ev.average_precisions(params, stats, 0), 0), abs=1e-12)
 
 
 def test_task_incremental_training_masks_each_phase_to_its_classes():
