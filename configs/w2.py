@@ -15,7 +15,20 @@ from __future__ import annotations
 from configs import common
 
 EXAMPLE_ARGS = (None, "compare", *(f"strategy={s}" for s in ("ewc", "si", "mas", "lfl", "lwf")))
-STRATEGIES = ("naive", "ewc", "si", "mas", "rwalk", "lfl", "lwf", "cumulative", "joint")
+STRATEGIES = (
+    "naive",
+    "ewc",
+    "si",
+    "mas",
+    "rwalk",
+    "lfl",
+    "lwf",
+    "replay",
+    "gem",
+    "agem",
+    "cumulative",
+    "joint",
+)
 
 
 def get_config(arg: str | None = None):

@@ -19,7 +19,12 @@ marked ``PATCH`` in the code and listed with every formula difference in README.
 * LFL: the model exposes ``get_features`` (the bottleneck), and the "last fc layer" it freezes is
   the 1x1 conv head (Avalanche looks for an ``nn.Linear`` and raises without one);
 * train mode is restored before each training forward: Avalanche's LFL and RWalk plugins switch
-  the model to eval mode inside the training loop and never switch it back.
+  the model to eval mode inside the training loop and never switch it back;
+* A-GEM: gradients flattened with ``reshape`` instead of ``view`` (``AGEMPlugin`` raises on the
+  ``channels_last`` model's convolution gradients).
+
+Replay and GEM run unpatched (GEM flattens with ``flatten``): the memories keep each pattern's
+mask as its "y" and the memory losses go through the strategy's criterion.
 
   python experiments/baselines/avalanche_w2.py --strategy ewc --export-dir /tmp/w2_export \\
       --out /tmp/ewc_torch.json
@@ -42,14 +47,18 @@ import numpy as np
 import torch
 from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
 from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
+from avalanche.models import avalanche_forward
 from avalanche.models.base_model import BaseModel
 from avalanche.training import LearningWithoutForgetting
 from avalanche.training.plugins import (
+    AGEMPlugin,
     EvaluationPlugin,
     EWCPlugin,
+    GEMPlugin,
     LFLPlugin,
     LwFPlugin,
     MASPlugin,
+    ReplayPlugin,
     RWalkPlugin,
     SupervisedPlugin,
     SynapticIntelligencePlugin,
@@ -64,7 +73,10 @@ import torch_unet
 # Only numpy functions of clseg_jax.metrics are used (importing it also imports JAX, unused).
 from clseg_jax import metrics
 
-STRATEGIES = ("naive", "ewc", "si", "mas", "rwalk", "lfl", "lwf", "cumulative", "joint")
+STRATEGIES = (
+    *("naive", "ewc", "si", "mas", "rwalk", "lfl", "lwf"),
+    *("replay", "gem", "agem", "cumulative", "joint"),
+)
 BATCH, EVAL_BATCH, LR, MOMENTUM = 32, 64, 0.01, 0.9
 IGNORE = 255
 WARMUP_ITERATIONS = 3  # excluded from images/s (first calls allocate and pick oneDNN kernels)
@@ -169,6 +181,69 @@ class DenseLFLPlugin(LFLPlugin):
             param.requires_grad = False
 
 
+class ChannelsLastAGEMPlugin(AGEMPlugin):
+    """Avalanche's A-GEM for a ``channels_last`` model.
+
+    PATCH (A-GEM): ``AGEMPlugin`` flattens each gradient with ``p.grad.view(-1)``, which raises
+    for the 4-D (convolution) gradients of a ``channels_last`` model ("view size is not
+    compatible with input tensor's size and stride"). Here ``reshape(-1)``: the same values in
+    the same (contiguous NCHW) order for the current and the reference gradient, and the
+    projected slices go back through ``view_as(p)`` + ``copy_`` in that order, as in Avalanche.
+    Otherwise the two methods are Avalanche 0.6's.
+    """
+
+    def before_training_iteration(self, strategy, **kwargs) -> None:
+        if len(self.buffers) > 0:
+            strategy.model.train()
+            strategy.optimizer.zero_grad()
+            mb = self.sample_from_memory()
+            xref, yref = mb[0].to(strategy.device), mb[1].to(strategy.device)
+            out = avalanche_forward(strategy.model, xref, mb[-1])
+            strategy._criterion(out, yref).backward()
+            self.reference_gradients = _flat_grad(strategy.model, strategy.device)
+            strategy.optimizer.zero_grad()
+
+    @torch.no_grad()
+    def after_backward(self, strategy, **kwargs) -> None:
+        if len(self.buffers) > 0:
+            g = _flat_grad(strategy.model, strategy.device)
+            g_ref = self.reference_gradients
+            dotg = torch.dot(g, g_ref)
+            if dotg < 0:
+                g = g - g_ref * (dotg / torch.dot(g_ref, g_ref))
+                count = 0
+                for p in strategy.model.parameters():
+                    if p.grad is not None:
+                        p.grad.copy_(g[count : count + p.numel()].view_as(p))
+                    count += p.numel()
+
+
+def _flat_grad(model: nn.Module, device: Any) -> torch.Tensor:
+    """Every parameter's gradient flattened (zeros where None) and concatenated."""
+    return torch.cat(
+        [
+            p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=device)
+            for p in model.parameters()
+        ]
+    )
+
+
+def freeze_memory_bn(plugin: SupervisedPlugin) -> None:
+    """Diagnostic (``--no-memory-bn-update``): undoes what the plugin's
+    ``before_training_iteration`` (GEM's and A-GEM's train-mode memory forwards) does to the
+    BatchNorm running statistics, as our GEM and A-GEM drop those updates."""
+    hook = plugin.before_training_iteration
+
+    def wrapped(strategy, **kwargs) -> None:
+        state = strategy.model.state_dict()
+        saved = {k: v.clone() for k, v in state.items() if "running_" in k or "num_batches" in k}
+        hook(strategy, **kwargs)
+        for k, v in saved.items():
+            state[k].copy_(v)
+
+    plugin.before_training_iteration = wrapped  # type: ignore[method-assign]
+
+
 class KeepTrainMode(SupervisedPlugin):
     """PATCH (LFL, RWalk): puts the model back in train mode before every training forward.
 
@@ -218,9 +293,17 @@ class Timer(SupervisedPlugin):
 
 
 def make_strategy(
-    name: str, model: nn.Module, epochs: int, classes_by_exp: list[set[int]], timer: Timer
+    name: str,
+    model: nn.Module,
+    epochs: int,
+    classes_by_exp: list[set[int]],
+    timer: Timer,
+    memory_bn_update: bool = True,
 ) -> tuple[Any, str]:
-    """The Avalanche strategy for ``name`` and a one-line description of its hyperparameters."""
+    """The Avalanche strategy for ``name`` and a one-line description of its hyperparameters.
+
+    ``memory_bn_update=False`` (diagnostic, GEM and A-GEM only): their memory forwards leave the
+    BatchNorm running statistics as they were (``freeze_memory_bn``)."""
     plugins: list[SupervisedPlugin] = [timer, KeepTrainMode()]
     desc = ""
     if name == "ewc":
@@ -245,8 +328,35 @@ def make_strategy(
         plugin.lwf = DenseLwF(1.0, 2.0, classes_by_exp)
         plugins.append(plugin)
         desc = "alpha 1, T 2, no T^2"
+    elif name == "replay":
+        # = avalanche.training.Replay(mem_size=200): the default storage policy is
+        # ExperienceBalancedBuffer(200, adaptive_size=True). From the second experience on a
+        # ReplayDataLoader concatenates batch_size new rows and batch_size_mem memory rows (both
+        # default to train_mb_size; set explicitly here), the epoch's length set by the new data
+        # (16 iterations), the memory cycled (200 = 6 x 32 + 8: one memory batch in 7 has 8 rows).
+        # The first experience trains on plain batches of 32 (empty buffer).
+        plugins.append(ReplayPlugin(mem_size=200, batch_size=BATCH, batch_size_mem=BATCH))
+        desc = "mem 200 exp-balanced, 32 new + 32 replayed from 2nd exp"
+    elif name == "gem":
+        # = avalanche.training.GEM(patterns_per_exp=32, memory_strength=0.5): per step, one
+        # train-mode forward + backward per finished experience (its 32 rows, BN running
+        # statistics updated), then a dual QP on the host (qpsolvers -> quadprog, float64) when
+        # a constraint is violated.
+        plugins.append(GEMPlugin(patterns_per_experience=32, memory_strength=0.5))
+        desc = "32/exp, strength 0.5, 1 grad per past exp, QP on host"
+    elif name == "agem":
+        # = avalanche.training.AGEM(patterns_per_exp=32, sample_size=32): per step one train-mode
+        # forward + backward on a memory sample, group-balanced over the finished experiences with
+        # sample_size // experiences rows each (32, 16 + 16, 3 x 10), BN running stats updated.
+        plugins.append(ChannelsLastAGEMPlugin(patterns_per_experience=32, sample_size=32))
+        desc = "32/exp, sample 32 balanced (32, 2x16, 3x10)"
     elif name not in ("naive", "cumulative", "joint"):
         raise ValueError(f"unknown strategy {name!r}; valid: {list(STRATEGIES)}")
+    if not memory_bn_update:
+        if name not in ("gem", "agem"):
+            raise ValueError("memory_bn_update=False applies to gem and agem only")
+        freeze_memory_bn(plugins[-1])
+        desc += ", memory BN updates undone"
     cls: Callable[..., Any] = {"cumulative": Cumulative, "joint": JointTraining}.get(name, Naive)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no loggers": metrics are computed outside Avalanche
@@ -292,7 +402,12 @@ def confusions(
 
 
 def run(
-    name: str, export_dir: str, epochs: int = 2, seed: int = 0, threads: int | None = None
+    name: str,
+    export_dir: str,
+    epochs: int = 2,
+    seed: int = 0,
+    threads: int | None = None,
+    memory_bn_update: bool = True,
 ) -> dict[str, Any]:
     """Trains strategy ``name`` over the exported stream; returns results and timings."""
     threads = threads or os.cpu_count() or 1
@@ -311,7 +426,7 @@ def run(
     with np.load(os.path.join(export_dir, "init.npz")) as f:
         torch_unet.load_flax_init(model, dict(f))
     timer = Timer()
-    strategy, desc = make_strategy(name, model, epochs, classes_by_exp, timer)
+    strategy, desc = make_strategy(name, model, epochs, classes_by_exp, timer, memory_bn_update)
 
     t0 = time.perf_counter()
     initial = [metrics.miou(c) for c in confusions(model, test, k)]
@@ -393,6 +508,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="default: all cores")
     parser.add_argument("--out", default=None, help="write the results JSON here")
+    parser.add_argument(
+        "--no-memory-bn-update",
+        action="store_true",
+        help="diagnostic for gem/agem: their memory forwards leave the BN running statistics "
+        "unchanged (as ours do)",
+    )
     args = parser.parse_args()
     if args.check:
         diff = check_lwf()
@@ -400,7 +521,14 @@ def main() -> None:
         sys.exit(0 if diff < 1e-5 else 1)
     if not (args.strategy and args.export_dir):
         parser.error("--strategy and --export-dir are required (or --check)")
-    results = run(args.strategy, args.export_dir, args.epochs, args.seed, args.threads)
+    results = run(
+        args.strategy,
+        args.export_dir,
+        args.epochs,
+        args.seed,
+        args.threads,
+        memory_bn_update=not args.no_memory_bn_update,
+    )
     text = json.dumps(results, indent=1)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,7 +1,7 @@
 """W2 side by side: clseg_jax and PyTorch/Avalanche on the same stream, one command, one table.
 
   .venv-baselines/bin/python experiments/baselines/compare.py \\
-      [--strategies naive,ewc,si,lwf] [--train-per-exp 64 --epochs 1] \\
+      [--strategies naive,replay,gem,agem] [--train-per-exp 64 --epochs 1] \\
       [--out experiments/results/baselines_w2.json]
 
 Steps: (1) ``export.py`` writes the W2 stream and our UNet's initial weights from
@@ -9,12 +9,14 @@ Steps: (1) ``export.py`` writes the W2 stream and our UNet's initial weights fro
 the Avalanche side runs ``avalanche_w2.py`` on the exported files, each in its own subprocess, one
 after the other, so they never compete for the cores or memory; (3) one table and one JSON file.
 
-Columns: images/s of the training loops (data loading and every per-step strategy cost included;
-ours after ahead-of-time compilation, Avalanche's after 3 warm-up iterations), between-experience
-seconds of the strategy (Fisher, importances, model copies, set-up), whole-run seconds (stream,
-model, training, evaluation after each experience; ours also compilation and checkpoints), final
-average mIoU and forgetting from the same ``clseg_jax.metrics`` on both sides. Speed-ups are
-clseg_jax over PyTorch: > 1 means clseg_jax is faster.
+Columns: images/s of the training loops (new images: data loading and every per-step strategy
+cost included; ours after ahead-of-time compilation, Avalanche's after 3 warm-up iterations),
+each side's seconds per step relative to its own naive in the same run (when naive ran),
+between-experience seconds of the strategy (Fisher, importances, memory updates, model copies,
+set-up), whole-run seconds (stream, model, training, evaluation after each experience; ours also
+compilation and checkpoints), final average mIoU and forgetting from the same
+``clseg_jax.metrics`` on both sides. Speed-ups are clseg_jax over PyTorch: > 1 means clseg_jax is
+faster.
 """
 
 from __future__ import annotations
@@ -34,15 +36,19 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-STRATEGIES = ("naive", "ewc", "si", "mas", "rwalk", "lfl", "lwf", "cumulative", "joint")
+STRATEGIES = (
+    *("naive", "ewc", "si", "mas", "rwalk", "lfl", "lwf"),
+    *("replay", "gem", "agem", "cumulative", "joint"),
+)
 DEFAULT_OUT = os.path.join(REPO, "experiments", "results", "baselines_w2.json")
 
 
 # ----------------------------------------------------------------------------- our side
 
 
-def ours_hparams(s: Any) -> str:
-    """One line of our strategy's hyperparameters from ``config.strategy`` (``s``)."""
+def ours_hparams(s: Any, batch: int = 32) -> str:
+    """One line of our strategy's hyperparameters from ``config.strategy`` (``s``) and the
+    training batch size."""
     return {
         "ewc": f"lambda {s.ewc_lambda:g} {s.ewc_mode}, F=per-sample grads^2 ({s.ewc_samples})",
         "si": f"c {s.si_c:g}, xi {s.si_xi:g} (pathint)",
@@ -50,6 +56,11 @@ def ours_hparams(s: Any) -> str:
         "rwalk": f"lambda {s.rwalk_lambda:g}, alpha {s.rwalk_alpha:g}, every step",
         "lfl": f"lambda {s.lfl_lambda:g} (sum over C)" + (", head frozen" * s.lfl_freeze_head),
         "lwf": f"alpha {s.lwf_alpha:g}, T {s.lwf_temperature:g}, T^2",
+        "replay": f"mem {s.replay_mem_size} {s.replay_policy}, {batch} new + {s.replay_batch} "
+        "replayed",
+        "gem": f"{s.gem_mem_per_exp}/exp, margin {s.gem_margin:g}, every block's grad per step "
+        "(CPU), QP on device",
+        "agem": f"{s.agem_mem_per_exp}/exp, sample {s.agem_sample_size} uniform",
     }.get(s.name, "-")
 
 
@@ -100,7 +111,7 @@ def run_ours(
     return {
         "side": "clseg_jax",
         "strategy": strategy,
-        "hparams": ours_hparams(config.strategy),
+        "hparams": ours_hparams(config.strategy, config.batch_size),
         "accuracy_matrix": res["accuracy_matrix"],
         "initial_row": res["initial_row"],
         **{k: res[k] for k in keys},
@@ -125,6 +136,17 @@ def _subprocess(cmd: list[str], env: dict[str, str] | None = None) -> float:
     return time.perf_counter() - t0
 
 
+def _timed_side(cmd: list[str], result_json: str, env: dict[str, str] | None = None) -> dict:
+    """Runs one side's subprocess; its results JSON with the process's wall seconds and the
+    1-minute load average before and after it (the machine may be shared) added to "timing"."""
+    load_before = os.getloadavg()[0]
+    wall = _subprocess(cmd, env)
+    with open(result_json) as f:
+        res = json.load(f)
+    res["timing"].update(process_s=wall, load_before=load_before, load_after=os.getloadavg()[0])
+    return res
+
+
 def run_pair(strategy: str, args: argparse.Namespace, export_dir: str, work: str) -> dict:
     """Both sides of one strategy, each in a subprocess; returns ``{"clseg_jax", "avalanche"}``."""
     out: dict[str, Any] = {"strategy": strategy}
@@ -137,10 +159,7 @@ def run_pair(strategy: str, args: argparse.Namespace, export_dir: str, work: str
     if args.epochs:
         cmd += ["--epochs", str(args.epochs)]
     print(f"\n=== {strategy}: clseg_jax", flush=True)
-    wall = _subprocess(cmd)
-    with open(ours_json) as f:
-        out["clseg_jax"] = json.load(f)
-    out["clseg_jax"]["timing"]["process_s"] = wall
+    out["clseg_jax"] = _timed_side(cmd, ours_json)
 
     torch_json = os.path.join(work, f"{strategy}_avalanche.json")
     cmd = [sys.executable, os.path.join(HERE, "avalanche_w2.py"), "--strategy", strategy]
@@ -149,10 +168,7 @@ def run_pair(strategy: str, args: argparse.Namespace, export_dir: str, work: str
     if args.omp_wait_policy:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     print(f"=== {strategy}: Avalanche", flush=True)
-    wall = _subprocess(cmd, env)
-    with open(torch_json) as f:
-        out["avalanche"] = json.load(f)
-    out["avalanche"]["timing"]["process_s"] = wall
+    out["avalanche"] = _timed_side(cmd, torch_json, env)
     out["avalanche"]["timing"]["omp_wait_policy"] = args.omp_wait_policy or "default"
     return out
 
@@ -165,10 +181,21 @@ def table(rows: list[dict]) -> str:
     """The markdown table of every strategy (see the module docstring for the columns)."""
     head = (
         "| strategy | hparams clseg_jax | hparams Avalanche | img/s jax | img/s torch | speed-up "
+        "| step/naive jax | step/naive torch "
         "| between-exp s jax | torch | run s jax | run s torch | speed-up "
         "| mIoU jax | mIoU torch | forgetting jax | forgetting torch |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    naive = next((r for r in rows if r["strategy"] == "naive"), None)
+
+    def per_naive(r: dict, side: str) -> str:
+        """A step's seconds relative to the same side's naive step (same run): naive's img/s
+        over this strategy's; '-' without a naive row."""
+        if naive is None:
+            return "-"
+        ips = naive[side]["timing"]["images_per_s"] / r[side]["timing"]["images_per_s"]
+        return _f(ips, ".2f") + "x"
+
     for r in rows:
         a, b = r["clseg_jax"], r["avalanche"]
         ta, tb = a["timing"], b["timing"]
@@ -179,6 +206,8 @@ def table(rows: list[dict]) -> str:
             _f(ta["images_per_s"], ".1f"),
             _f(tb["images_per_s"], ".1f"),
             _f(ta["images_per_s"] / tb["images_per_s"], ".2f") + "x",
+            per_naive(r, "clseg_jax"),
+            per_naive(r, "avalanche"),
             _f(ta["strategy_s"], ".1f"),
             _f(tb["strategy_s"], ".1f"),
             _f(ta["run_s"], ".0f"),
