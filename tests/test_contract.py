@@ -21,29 +21,6 @@ from clseg_jax.strategies import base
 from configs import multilabel_digits, split_digits
 from tests import tiny
 
-
-class CompileCounter:
-    """Counts XLA backend compilations through jax.monitoring while active."""
-
-    def __enter__(self):
-        self.count = 0
-
-        def listener(name, _secs, **_):
-            if name == "/jax/core/compile/backend_compile_duration":
-                self.count += 1
-
-        self._listener = listener
-        jax.monitoring.register_event_duration_secs_listener(listener)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listener)
-
-
-def _signature(tree):
-    return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
-
-
 # Strategies defined for one kind of task only run their contract on a stream of that kind.
 TASK_OF = {"ppi": "multilabel", "icarl": "classification"}
 
@@ -100,7 +77,7 @@ def test_strategy_contract(name, setups, tmp_path):
     shardings = train_lib.array_shardings(arrays, mesh)
     arrays = jax.device_put(arrays, shardings)
     state, sstate = arrays["state"], arrays["sstate"]
-    sig = _signature(sstate)
+    sig = tiny.signature(sstate)
     # The trainer's jit, not its AOT executable: a changed shape, sharding or captured constant
     # would recompile here, and show in the count.
     step = train_lib.jit_train_step(
@@ -112,7 +89,7 @@ def test_strategy_contract(name, setups, tmp_path):
     key = jax.device_put(jax.random.PRNGKey(0), repl)
     compiles = []
     for phase in phases:
-        with CompileCounter() as counter:
+        with tiny.CompileCounter() as counter:
             new_params, sstate = strategy.before_phase(
                 state.params, state.batch_stats, sstate, phase
             )
@@ -137,7 +114,7 @@ def test_strategy_contract(name, setups, tmp_path):
             sstate = strategy.after_phase(state.params, state.batch_stats, sstate, phase)
             jax.block_until_ready((state, sstate))
         compiles.append(counter.count)
-        assert _signature(sstate) == sig, f"{name}: strategy state changed tree/shape/dtype"
+        assert tiny.signature(sstate) == sig, f"{name}: strategy state changed tree/shape/dtype"
         values = metrics.compute()
         assert np.isfinite(float(values["loss"])), f"{name}: non-finite loss"
         assert int(monitor.first_bad_step) == -1
@@ -155,4 +132,4 @@ def test_strategy_contract(name, setups, tmp_path):
     assert meta == {"phase": 3}
     for a, b in zip(jax.tree.leaves(arrays), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert _signature(restored["sstate"]) == sig
+    assert tiny.signature(restored["sstate"]) == sig

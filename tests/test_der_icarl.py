@@ -22,6 +22,7 @@ from clseg_jax.data import loader
 from clseg_jax.memory import buffer
 from clseg_jax.strategies import base, der, icarl
 from configs import split_digits
+from tests import tiny
 
 K, E, SIZE = 4, 3, 2
 
@@ -284,26 +285,6 @@ def test_eval_step_scores_with_predict_and_state_as_argument():
 # -- contract on a classification stream ---------------------------------------------------------
 
 
-class _Compiles:
-    def __enter__(self):
-        self.count = 0
-
-        def listener(name, _secs, **_):
-            if name == "/jax/core/compile/backend_compile_duration":
-                self.count += 1
-
-        self._listener = listener
-        jax.monitoring.register_event_duration_secs_listener(listener)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listener)
-
-
-def _signature(tree):
-    return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
-
-
 @pytest.fixture(scope="module")
 def digits():
     cfg = split_digits.get_config()
@@ -343,7 +324,7 @@ def test_contract_on_class_incremental_digits(module, digits, tmp_path):
     shardings = train_lib.array_shardings(arrays, mesh)
     arrays = jax.device_put(arrays, shardings)
     state, sstate = arrays["state"], arrays["sstate"]
-    sig = _signature(sstate)
+    sig = tiny.signature(sstate)
     step = train_lib.jit_train_step(
         step_lib.make_train_step(forward, strategy, tx, task), shardings, mesh
     )
@@ -352,7 +333,7 @@ def test_contract_on_class_incremental_digits(module, digits, tmp_path):
     key = jax.device_put(jax.random.PRNGKey(0), repl)
     compiles = []
     for phase in train_lib._phases(stream, ((0,), (1,), (2,))):
-        with _Compiles() as counter:
+        with tiny.CompileCounter() as counter:
             metrics, monitor = step_lib.TrainMetrics.empty(), step_lib.new_monitor()
             mask = jax.device_put(jnp.asarray(phase.class_mask), repl)
             ds = loader.train_dataset(
@@ -372,7 +353,7 @@ def test_contract_on_class_incremental_digits(module, digits, tmp_path):
             row = evaluator.row(state.params, state.batch_stats, phase.class_mask, sstate)
             jax.block_until_ready((state, sstate))
         compiles.append(counter.count)
-        assert _signature(sstate) == sig
+        assert tiny.signature(sstate) == sig
         assert np.isfinite(float(metrics.compute()["loss"]))
         assert int(monitor.first_bad_step) == -1
         assert len(row) == 3 and all(int(c.sum()) > 0 for c in row[: phase.index + 1])

@@ -88,3 +88,26 @@ def one_step(forward, strategy, tx, params, stats, sstate, batch, num_classes: i
         jax.random.PRNGKey(0),
         jnp.ones(num_classes, bool),
     )
+
+
+class CompileCounter:
+    """Counts XLA backend compilations through ``jax.monitoring`` while active."""
+
+    def __enter__(self):
+        self.count = 0
+
+        def listener(name, _secs, **_):
+            if name == "/jax/core/compile/backend_compile_duration":
+                self.count += 1
+
+        self._listener = listener
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def signature(tree) -> tuple:
+    """A pytree's structure with each leaf's shape and dtype (what must not change)."""
+    return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]

@@ -15,9 +15,9 @@ import ml_collections
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from clseg_jax.memory import buffer, update
+from clseg_jax.memory import buffer
 from clseg_jax.solvers import qp
-from clseg_jax.strategies import base, gem, replay
+from clseg_jax.strategies import base, gem
 
 DEFAULTS = {
     "agem_mem_per_exp": 32,  # memory rows per experience
@@ -54,17 +54,6 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
         g_ref = lax.platform_dependent(jnp.any(ok), cpu=straight, default=ref_grad)
         return unravel(qp.agem_project(g, g_ref))
 
-    def after_phase(params, batch_stats, sstate, phase):
-        del params, batch_stats
-        if phase.index >= blocks:  # the last experience: no later phase would use its memory
-            return sstate
-        return update.update(
-            sstate,
-            phase,
-            "random",
-            replay.memory_rng(env.seed, phase.index, 2),
-            num_classes=env.num_classes,
-            num_experiences=blocks,
-        )
-
-    return base.Strategy(init=init, transform_grads=transform_grads, after_phase=after_phase)
+    return base.Strategy(
+        init=init, transform_grads=transform_grads, after_phase=gem.fill_block(env, blocks, salt=2)
+    )

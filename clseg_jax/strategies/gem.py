@@ -80,6 +80,26 @@ def memory_gradients(
     return jnp.stack([jnp.where(filled[k], block_grad(k), 0.0) for k in range(blocks)])
 
 
+def fill_block(env: base.Env, blocks: int, salt: int):
+    """``after_phase``: experience i's random rows into memory block i (GEM, A-GEM); the last
+    experience's memory would never be used, so it is not stored."""
+
+    def after_phase(params, batch_stats, sstate, phase):
+        del params, batch_stats
+        if phase.index >= blocks:
+            return sstate
+        return update.update(
+            sstate,
+            phase,
+            "random",
+            replay.memory_rng(env.seed, phase.index, salt),
+            num_classes=env.num_classes,
+            num_experiences=blocks,
+        )
+
+    return after_phase
+
+
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     q, T = int(cfg.gem_mem_per_exp), env.num_experiences
     if q < 1:
@@ -101,17 +121,6 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
         )
         return unravel(qp.gem_project(g, G, filled, cfg.gem_margin, cfg.gem_eps))
 
-    def after_phase(params, batch_stats, sstate, phase):
-        del params, batch_stats
-        if phase.index >= blocks:  # the last experience: no later phase would use its memory
-            return sstate
-        return update.update(
-            sstate,
-            phase,
-            "random",
-            replay.memory_rng(env.seed, phase.index, 1),
-            num_classes=env.num_classes,
-            num_experiences=blocks,
-        )
-
-    return base.Strategy(init=init, transform_grads=transform_grads, after_phase=after_phase)
+    return base.Strategy(
+        init=init, transform_grads=transform_grads, after_phase=fill_block(env, blocks, salt=1)
+    )
