@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-IGNORE = 255
+from clseg_jax import losses
 
 
 class Buffer(NamedTuple):
@@ -59,7 +59,7 @@ def empty(
     extra = extra or {}
     return Buffer(
         image=jnp.zeros((capacity, *image_shape), jnp.uint8),
-        label=jnp.full((capacity, *label_shape), IGNORE, jnp.uint8),
+        label=jnp.full((capacity, *label_shape), losses.IGNORE, jnp.uint8),
         exp=jnp.full((capacity,), -1, jnp.int32),
         rank=jnp.zeros((capacity,), jnp.int32),
         valid=jnp.zeros((capacity,), bool),
@@ -71,7 +71,7 @@ def empty(
 def ignore_labels(label: jax.Array, keep: jax.Array) -> jax.Array:
     """Labels of rows where ``keep`` (``bool [N]``) is False become 255 (they add no loss)."""
     keep = keep.reshape(keep.shape + (1,) * (label.ndim - 1))
-    return jnp.where(keep, label, jnp.asarray(IGNORE, label.dtype))
+    return jnp.where(keep, label, jnp.asarray(losses.IGNORE, label.dtype))
 
 
 def sample(buf: Buffer, key: jax.Array, n: int) -> tuple[dict[str, jax.Array], jax.Array]:

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clseg_jax import losses
 from clseg_jax.memory import buffer as buffer_lib
 from clseg_jax.memory import selection
 from clseg_jax.strategies import base
 
-IGNORE = 255
 # row_fn(params, batch_stats, images [b,H,W,3] uint8) -> {name: [b,...]}; "features" [b,C] is what
 # herding uses, any other name is stored per row in ``Buffer.extra``.
 RowFn = Callable[..., dict[str, jax.Array]]
@@ -160,6 +160,6 @@ def update(
     out["valid"] = chosen >= 0
     out["rank"] = np.where(chosen >= 0, rank, 0)
     out["exp"] = np.where(chosen >= 0, out["exp"], -1)
-    out["label"][~out["valid"]] = IGNORE
+    out["label"][~out["valid"]] = losses.IGNORE
     out["seen"] = np.asarray(int(old["seen"]) + n_new)
     return buffer_lib.from_host(out)
