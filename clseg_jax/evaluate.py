@@ -190,15 +190,38 @@ class Evaluator:
         self, params, batch_stats, experience: int, class_mask: np.ndarray, sstate=None
     ) -> np.ndarray:
         """``[K,K]`` confusion on an experience's test set, labels of classes seen by then."""
+        visible = self.stream.class_mask(self.stream.seen_classes(experience))
+        return self.confusion_on(
+            self.stream.experiences[experience].test,
+            params,
+            batch_stats,
+            visible,
+            class_mask,
+            sstate,
+        )
+
+    def full_test(
+        self, params, batch_stats, seen_classes, class_mask: np.ndarray, sstate=None
+    ) -> np.ndarray:
+        """``[K,K]`` confusion on the stream's full test set (``Stream.test``), labels of the
+        classes seen so far: the MiB/PLOP tables' evaluation."""
+        if self.stream.test is None:
+            raise ValueError(f"stream {self.stream.name!r} has no full test set")
+        visible = self.stream.class_mask(seen_classes)
+        return self.confusion_on(self.stream.test, params, batch_stats, visible, class_mask, sstate)
+
+    def confusion_on(
+        self, source, params, batch_stats, visible: np.ndarray, class_mask: np.ndarray, sstate=None
+    ) -> np.ndarray:
+        """``[K,K]`` confusion on ``source`` with the labels of ``visible`` classes."""
         if self._compiled is None:
             self.compile(params, batch_stats, sstate)
         st = self._sstate(sstate)
         k = self.stream.num_classes
-        visible = self.stream.class_mask(self.stream.seen_classes(experience))
         conf = jax.device_put(jnp.zeros((k, k), jnp.int32), self._repl)
         mask = jax.device_put(jnp.asarray(class_mask), self._repl)
         for local in loader.eval_batches(
-            self.stream.experiences[experience].test,
+            source,
             visible,
             global_batch=self.batch_size,
             process_index=jax.process_index(),

@@ -73,25 +73,90 @@ def make_forward(graphdef: nnx.GraphDef) -> base.Forward:
     return forward
 
 
+class PhaseLRState(NamedTuple):
+    """Learning-rate schedule state of the current phase (reset on the host at its start)."""
+
+    count: jax.Array  # int32 [], steps taken in this phase
+    total: jax.Array  # int32 [], steps in this phase (the schedule's horizon)
+    lr: jax.Array  # float32 [], this phase's base learning rate
+
+
+def scale_by_phase_lr(schedule: str, lr: float, total: int) -> optax.GradientTransformation:
+    """``updates * -lr_t`` with ``lr_t`` from ``schedule`` over the *current phase's* steps.
+
+    The base rate and the horizon are state, not constants, so one compiled step serves phases
+    of different lengths and base rates (MiB and PLOP train the first step at 0.01 and the
+    following ones at 0.001, each with its own poly decay): ``start_phase`` sets them.
+    Schedules: ``constant``; ``cosine`` (``lr * (1 + cos(pi t / T)) / 2``, optax's
+    ``cosine_decay_schedule``); ``poly`` (``lr * (1 - t / T)^0.9``, DeepLab's).
+    """
+    if schedule not in ("constant", "cosine", "poly"):
+        raise ValueError(f"unknown lr schedule {schedule!r}; valid: constant, cosine, poly")
+
+    def init(params):
+        del params
+        return PhaseLRState(
+            jnp.zeros((), jnp.int32),
+            jnp.asarray(max(total, 1), jnp.int32),
+            jnp.asarray(lr, jnp.float32),
+        )
+
+    def update(updates, state, params=None):
+        del params
+        frac = jnp.minimum(state.count, state.total) / state.total
+        if schedule == "cosine":
+            factor = 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        elif schedule == "poly":
+            factor = (1.0 - frac) ** 0.9
+        else:
+            factor = 1.0
+        step = -(state.lr * factor)
+        updates = jax.tree.map(lambda u: (step * u).astype(u.dtype), updates)
+        return updates, state._replace(count=state.count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+def start_phase(opt_state: PyTree, total: int, lr: float) -> PyTree:
+    """Resets the phase schedule inside ``opt_state``: ``total`` steps from base rate ``lr``."""
+
+    def reset(s):
+        if isinstance(s, PhaseLRState):
+            return PhaseLRState(
+                jnp.zeros_like(s.count),
+                jnp.asarray(max(total, 1), jnp.int32),
+                jnp.asarray(lr, jnp.float32),
+            )
+        return s
+
+    return jax.tree.map(reset, opt_state, is_leaf=lambda s: isinstance(s, PhaseLRState))
+
+
+def phase_lr(cfg: ml_collections.ConfigDict, phase_index: int) -> float:
+    """Base rate of a phase: ``lr`` for the first, ``lr_next`` (if set) for the others."""
+    nxt = cfg.get("lr_next", None)
+    return float(cfg.lr if phase_index == 0 or nxt is None else nxt)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_phase: int):
-    """optax optimizer from ``config.optimizer`` (name sgd|adam|adamw, lr, schedule ...)."""
-    if cfg.schedule == "constant":
-        lr = cfg.lr
-    elif cfg.schedule == "cosine":
-        lr = optax.cosine_decay_schedule(cfg.lr, max(steps_per_phase, 1))
-    elif cfg.schedule == "poly":
-        lr = optax.polynomial_schedule(cfg.lr, 0.0, 0.9, max(steps_per_phase, 1))
-    else:
-        raise ValueError(f"unknown lr schedule {cfg.schedule!r}; valid: constant, cosine, poly")
+    """optax optimizer from ``config.optimizer`` (name sgd|adam|adamw, lr, lr_next, schedule ...).
+
+    The learning rate is applied last by ``scale_by_phase_lr`` (initial horizon
+    ``steps_per_phase``; the trainer calls ``start_phase`` with each phase's own length).
+    """
+    lr_tx = scale_by_phase_lr(cfg.schedule, cfg.lr, steps_per_phase)
     wd = cfg.get("weight_decay", 0.0)
     if cfg.name == "sgd":
-        tx = optax.sgd(lr, momentum=cfg.get("momentum", 0.0) or None)
-        return optax.chain(optax.add_decayed_weights(wd), tx) if wd else tx
+        momentum = cfg.get("momentum", 0.0)
+        parts = [optax.trace(decay=momentum)] if momentum else []
+        decay = [optax.add_decayed_weights(wd)] if wd else []
+        return optax.chain(*decay, *parts, lr_tx)
     if cfg.name == "adam":
-        tx = optax.adam(lr)
-        return optax.chain(optax.add_decayed_weights(wd), tx) if wd else tx
+        decay = [optax.add_decayed_weights(wd)] if wd else []
+        return optax.chain(*decay, optax.scale_by_adam(), lr_tx)
     if cfg.name == "adamw":
-        return optax.adamw(lr, weight_decay=wd)
+        # optax.adamw: decoupled decay added after Adam's scaling, both times the learning rate.
+        return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(wd), lr_tx)
     raise ValueError(f"unknown optimizer {cfg.name!r}; valid: ['adam', 'adamw', 'sgd']")
 
 

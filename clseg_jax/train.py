@@ -38,6 +38,7 @@ from clseg_jax import metrics as metrics_lib
 from clseg_jax import step as step_lib
 from clseg_jax.data import base as data_base
 from clseg_jax.data import loader
+from clseg_jax.models import weights
 from clseg_jax.strategies import base
 
 
@@ -52,6 +53,7 @@ class _Progress(NamedTuple):
     timing: dict
     rows_task_il: list | tuple = ()  # the same, task-incremental (config.eval_task_il)
     overall: list | tuple = ()  # multi-label: mAP over seen classes on the seen tasks' images
+    full: list | tuple = ()  # [K,K] confusion on the stream's full test set after each phase
 
 
 def _phases(stream, schedule, task_incremental: bool = False) -> list[base.Phase]:
@@ -176,6 +178,17 @@ class _Run:
         self.graphdef, params, batch_stats = models.init(
             config.model, self.stream.num_classes, seed=config.seed
         )
+        pretrained = config.model.get("pretrained", None)
+        if pretrained:
+            # A backbone from an ImageNet classifier (``into``), or a whole model of the same
+            # layout under a head with another class count (``skip_head``).
+            params, batch_stats = weights.load(
+                os.path.expanduser(pretrained.path),
+                params,
+                batch_stats,
+                skip_head=bool(pretrained.get("skip_head", True)),
+                into=pretrained.get("into", None) or None,
+            )
         self.forward = step_lib.make_forward(self.graphdef)
         image_shape, label_shape = self._row_shapes()
         self.task = tasks.for_stream(self.stream.kind, label_shape)
@@ -355,6 +368,11 @@ class _Run:
                 state.params, state.batch_stats, sstate, phase
             )
             opt_state = self._tx_init(params) if cfg.optimizer.reset_per_phase else state.opt_state
+            opt_state = step_lib.start_phase(
+                opt_state,
+                total=len(self.datasets[phase.index]),
+                lr=step_lib.phase_lr(cfg.optimizer, phase.index),
+            )
             state = state._replace(params=params, opt_state=opt_state)
             # Hooks run on the host and may return arrays placed anywhere: put them back where
             # the compiled step expects them.
@@ -428,6 +446,11 @@ class _Run:
             overall = self.evaluator.overall_map(
                 state.params, state.batch_stats, range(upto + 1), phase.seen_classes
             )
+        full = None
+        if self.stream.test is not None:
+            full = self.evaluator.full_test(
+                state.params, state.batch_stats, phase.seen_classes, phase.class_mask, sstate
+            )
         timing["eval_s"] += time.perf_counter() - t0
         row = [self.evaluator.score(c, j) for j, c in enumerate(confs)]
         metric = self.task.metric
@@ -452,6 +475,7 @@ class _Run:
             timing,
             [*progress.rows_task_il, [c.tolist() for c in task_il]] if task_il else [],
             [*progress.overall, overall] if overall is not None else [],
+            [*progress.full, full.tolist()] if full is not None else [],
         )
         self._save(progress)
         if self.stop_requested:
@@ -489,6 +513,36 @@ class _Run:
             np.divide(np.diag(conf), total, out=out, where=total > 0)
             return out
         return metrics_lib.iou_per_class(stat)
+
+    def _old_new_all(self, confs: list, full: list) -> dict:
+        """MiB/PLOP-table figures per phase: mIoU over old (background included), new and all
+        seen classes, and their averages over phases.
+
+        On the stream's full test set when it has one; otherwise on the union of the seen
+        experiences' test sets (disjoint by construction in such streams), each with the labels
+        seen at that experience.
+        """
+        out = []
+        for i, phase in enumerate(self.phases):
+            old = sorted(set(phase.seen_classes) - set(phase.new_classes))
+            if full:
+                total = np.array(full[i])
+            else:
+                total = sum(confs[i][: max(phase.experiences) + 1])
+            out.append(metrics_lib.old_new_all(total, old, phase.new_classes))
+        averages = {
+            key: metrics_lib.nanmean([o[key] for o in out]) for key in ("old", "new", "all")
+        }
+        result = {
+            "old_new_all": out,
+            "old_new_all_avg": averages,
+            "old_new_all_on": "full test set" if full else "seen experiences' test sets",
+        }
+        if full:
+            result["full_test_per_class"] = [
+                {str(c): v for c, v in enumerate(self._per_class(np.array(f)))} for f in full
+            ]
+        return result
 
     def _finish(self, progress: _Progress) -> dict:
         cfg = self.config
@@ -529,16 +583,7 @@ class _Run:
             ]
             results["task_il"] = {"accuracy_matrix": R_task, **metrics_lib.cl_summary(R_task)}
         if self.stream.kind == "class" and self.task.name == "segmentation":
-            results["old_new_all"] = []
-            for i, row in enumerate(confs):
-                phase = self.phases[i]
-                old = sorted(set(phase.seen_classes) - set(phase.new_classes))
-                # Each experience's test set counts once, with the labels seen at that experience.
-                upto = max(phase.experiences)
-                total = sum(row[: upto + 1])
-                results["old_new_all"].append(
-                    metrics_lib.old_new_all(total, old, phase.new_classes)
-                )
+            results.update(self._old_new_all(confs, progress.full))
         report.write_results(self.workdir, results)
         names = [e.name for e in self.stream.experiences]
         report.plot_accuracy_matrix(

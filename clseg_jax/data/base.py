@@ -139,6 +139,10 @@ class Stream(NamedTuple):
         num_classes: size of the label set, background included (the model head's size).
         class_names: one name per class id.
         experiences: the experiences in order.
+        test: optional full test set (every test image once), evaluated after each phase with
+            the classes seen so far: the MiB/PLOP tables' mIoU and old/new/all. Experience test
+            sets may overlap (an image holding classes of two steps), so their sum cannot stand
+            in for it.
     """
 
     name: str
@@ -146,6 +150,7 @@ class Stream(NamedTuple):
     num_classes: int
     class_names: tuple[str, ...]
     experiences: tuple[Experience, ...]
+    test: ArraySource | None = None
 
     def seen_classes(self, upto: int) -> tuple[int, ...]:
         """Classes labelled in experiences ``0..upto`` (inclusive)."""

@@ -7,9 +7,11 @@ classes. With ``widths=(16, 32, 64, 128)``, batch norm and 5 classes this is BEN
 model: 482,805 parameters.
 
 Call: ``model(images [B,H,W,3] float, train) -> {"logits": [B,H,W,K], "features": [B,h,w,C],
-"penultimate": [B,H,W,widths[0]]}`` where ``features`` is the bottleneck (``h = H / 2**(L-1)``
-for ``L = len(widths)``, ``C = widths[-1]``) and ``penultimate`` the last decoder block's output,
-the input of the 1x1 head (both for LFL and feature distillation; XLA drops whichever is unused).
+"penultimate": [B,H,W,widths[0]], "pod": (...)}`` where ``features`` is the bottleneck (``h = H /
+2**(L-1)`` for ``L = len(widths)``, ``C = widths[-1]``), ``penultimate`` the last decoder block's
+output, the input of the 1x1 head (both for LFL and feature distillation), and ``pod`` the maps
+PLOP's pooled distillation reads: every encoder level's output, then ``penultimate``. XLA drops
+whichever output a step does not use.
 H and W must be divisible by ``2**(L-1)``.
 """
 
@@ -96,4 +98,9 @@ class UNet(nnx.Module):
         for up, block, skip in zip(self.ups, self.up_convs, reversed(skips[:-1]), strict=True):
             x = block(skip, up(x), train=train)
         logits = self.head(x).astype(jnp.float32)
-        return {"logits": logits, "features": features, "penultimate": x}
+        return {
+            "logits": logits,
+            "features": features,
+            "penultimate": x,
+            "pod": (*skips, x),
+        }

@@ -17,6 +17,9 @@ layout as ``experiments/baselines/export.py``'s ``init.npz``, and what
 (its pure dicts, concrete or from ``nnx.eval_shape``), and the first missing, unexpected or
 mis-shaped key is named in a one-line ``ValueError``. ``skip_head=True`` keeps the template's
 ``head`` and ignores the file's, to put a pretrained backbone under a head with another class count.
+``into="backbone"`` loads a whole classification network's file (its ``head`` skipped) into one
+sub-tree of a larger model (an ImageNet ResNet under DeepLab's ``backbone``), keeping the
+template's other leaves (ASPP, classifier) as initialised.
 """
 
 from __future__ import annotations
@@ -67,15 +70,19 @@ def from_arrays(
     batch_stats: Mapping,
     *,
     skip_head: bool = False,
+    into: str | None = None,
 ) -> tuple[dict, dict]:
     """``arrays`` (flat, as in the file) checked against and shaped like the template pure dicts.
 
     Args:
       arrays: ``{"params/...": array, "batch_stats/...": array}``.
       params, batch_stats: a freshly initialised model's pure dicts; only the structure, shapes
-        and dtypes are used (``jax.ShapeDtypeStruct`` leaves are fine) unless ``skip_head``.
-      skip_head: keep the template's ``head`` leaves (they must then be concrete arrays) and
-        ignore the ``head`` entries of ``arrays``, whatever their shapes.
+        and dtypes are used (``jax.ShapeDtypeStruct`` leaves are fine) unless leaves are kept
+        (``skip_head``, ``into``): kept leaves must be concrete arrays.
+      skip_head: keep the template's ``head`` leaves and ignore the ``head`` entries of
+        ``arrays``, whatever their shapes.
+      into: load ``arrays`` (without their ``head``) into the template's top-level sub-tree of
+        this name; every leaf outside it is kept.
 
     Returns:
       ``(params, batch_stats)``: the template's nesting with the loaded values, in the template's
@@ -84,6 +91,19 @@ def from_arrays(
     Raises:
       ValueError: one line naming the first missing, mis-shaped or unexpected key.
     """
+    if into:
+        arrays = {
+            f"{group}/{into}/{rest}": v
+            for k, v in arrays.items()
+            for group, _, rest in [k.partition("/")]
+            if not _is_head(k)
+        }
+
+    def keep(path: str) -> bool:
+        if skip_head and _is_head(path):
+            return True
+        return bool(into) and not any(path.startswith(f"{g}/{into}/") for g in GROUPS)
+
     used = set()
 
     def fill(tree: Mapping, prefix: str) -> dict:
@@ -92,7 +112,7 @@ def from_arrays(
             path = f"{prefix}/{key}"
             if isinstance(ref, Mapping):
                 out[key] = fill(ref, path)
-            elif skip_head and _is_head(path):
+            elif keep(path):
                 out[key] = jnp.asarray(ref)
             elif path not in arrays:
                 raise ValueError(f"weights: missing key {path!r} (model expects {ref.shape})")
@@ -118,15 +138,22 @@ def from_arrays(
 
 
 def load(
-    path: str | os.PathLike, params: Mapping, batch_stats: Mapping, *, skip_head: bool = False
+    path: str | os.PathLike,
+    params: Mapping,
+    batch_stats: Mapping,
+    *,
+    skip_head: bool = False,
+    into: str | None = None,
 ) -> tuple[dict, dict]:
     """Reads ``path`` (written by ``save``) into the structure of the template pure dicts.
 
     See ``from_arrays`` for the arguments, the checks and the ``ValueError``.
     """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"weights file {os.fspath(path)!r} does not exist")
     with np.load(path, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    return from_arrays(arrays, params, batch_stats, skip_head=skip_head)
+    return from_arrays(arrays, params, batch_stats, skip_head=skip_head, into=into)
 
 
 def save_model(path: str | os.PathLike, model: nnx.Module) -> None:
