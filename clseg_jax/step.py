@@ -148,7 +148,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_phase: int):
     wd = cfg.get("weight_decay", 0.0)
     if cfg.name == "sgd":
         momentum = cfg.get("momentum", 0.0)
-        parts = [optax.trace(decay=momentum)] if momentum else []
+        nesterov = bool(cfg.get("nesterov", False))
+        parts = [optax.trace(decay=momentum, nesterov=nesterov)] if momentum else []
         decay = [optax.add_decayed_weights(wd)] if wd else []
         return optax.chain(*decay, *parts, lr_tx)
     if cfg.name == "adam":

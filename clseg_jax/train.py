@@ -200,6 +200,7 @@ class _Run:
             label_shape=label_shape,
             seed=config.seed,
             task=self.task,
+            class_names=tuple(self.stream.class_names),
         )
         self.strategy = strategies.make(config.strategy, env)
         self.phases = _phases(
@@ -282,6 +283,7 @@ class _Run:
             seed=self.config.seed * 1000 + phase.index,
             crop=aug.crop or None,
             flip=aug.flip,
+            scale=tuple(aug.scale) if aug.get("scale") else None,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )

@@ -58,7 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
     # experience's classes (per-task heads by masking); implies eval_task_il.
     c.task_incremental = False
     c.epochs = 2
-    c.augment = ml_collections.ConfigDict({"crop": 0, "flip": False})
+    # scale=(lo, hi): random rescale before the crop (the segmentation papers' 0.5-2.0).
+    c.augment = ml_collections.ConfigDict({"crop": 0, "flip": False, "scale": ()})
     c.sharding = ml_collections.ConfigDict({"mesh": (("data", -1),), "param_rules": ()})
     c.log_every_steps = 20
     c.checkpoint_every_steps = 0  # 0: only at the end of each experience

@@ -58,6 +58,9 @@ def test_strategy_contract(name, setups, tmp_path):
     cfg, stream, graphdef, params, stats = setups(TASK_OF.get(name, "segmentation"))
     cfg = cfg.copy_and_resolve_references()
     cfg.strategy.name = name
+    if name == "recall":  # replay images must come from somewhere: noise stands in for the web
+        cfg.strategy.recall_source = "callable:clseg_jax.data.replay_sources:noise"
+        cfg.strategy.recall_per_class = 8
     forward = step_lib.make_forward(graphdef)
     example = stream.experiences[0].train[0]
     env = base.Env(

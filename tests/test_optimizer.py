@@ -21,6 +21,10 @@ REFERENCES = {
         {"momentum": 0.9, "weight_decay": 1e-4},
         lambda lr: optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(lr, momentum=0.9)),
     ),
+    "nesterov": (
+        {"momentum": 0.9, "nesterov": True},
+        lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
+    ),
     "adam": ({"weight_decay": 0.0}, optax.adam),
     "adamw": ({"weight_decay": 0.01}, lambda lr: optax.adamw(lr, weight_decay=0.01)),
 }
@@ -37,7 +41,8 @@ def _run(tx, state, steps, params=PARAMS):
 @pytest.mark.parametrize("name", sorted(REFERENCES))
 def test_matches_optax(name, schedule):
     kwargs, ref = REFERENCES[name]
-    cfg = ml_collections.ConfigDict({"name": name, "lr": 0.1, "schedule": schedule, **kwargs})
+    opt = "sgd" if name == "nesterov" else name
+    cfg = ml_collections.ConfigDict({"name": opt, "lr": 0.1, "schedule": schedule, **kwargs})
     ours = step_lib.make_optimizer(cfg, 10)
     theirs = ref(SCHEDULES[schedule](0.1, 10))
     a, _ = _run(ours, ours.init(PARAMS), 12)  # past the horizon: the schedule stays at its end

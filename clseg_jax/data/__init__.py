@@ -10,7 +10,17 @@ from collections.abc import Callable
 
 import ml_collections
 
-from clseg_jax.data import base, classification, digits, npz, shapes
+from clseg_jax.data import (
+    ade,
+    base,
+    classification,
+    digits,
+    npz,
+    shapes,
+    tfds_seg,
+    tiny_layouts,
+    voc,
+)
 
 DATASETS: dict[str, Callable[[ml_collections.ConfigDict], base.Stream]] = {
     "shapes_di": shapes.make_domain,
@@ -22,6 +32,11 @@ DATASETS: dict[str, Callable[[ml_collections.ConfigDict], base.Stream]] = {
     "digits_ml": classification.make_digits_ml,
     "voc_ml": classification.make_voc_ml,
     "npz_ml": classification.make_npz_ml,
+    "voc": voc.make,
+    "ade": ade.make,
+    "tfds_seg": tfds_seg.make,
+    "tiny_voc": tiny_layouts.make_voc,
+    "tiny_ade": tiny_layouts.make_ade,
 }
 
 

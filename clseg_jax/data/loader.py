@@ -4,6 +4,14 @@ Training: ``source -> shuffle (reseeded per epoch) -> repeat(epochs) -> paired a
 -> this process's rows -> batch`` (drop remainder: a step's shape never changes). Evaluation
 keeps every example: the last batch is padded with ignore labels (255) so the compiled eval step
 is reused and padding counts for nothing.
+
+Segmentation augmentation with ``scale=(0.5, 2.0)`` is DeepLab's, which the continual
+segmentation papers cite: scale the image by a random factor (image bilinear, mask nearest),
+take a random ``crop x crop`` window, padding bottom/right with image 0 and mask 255 where the
+scaled image is smaller, then flip horizontally with probability 1/2. MiB's and PLOP's official
+code instead use ``RandomResizedCrop(crop, scale=(0.5, 2.0))``: a window of 0.5-2x the image
+*area* (torchvision's sampler: 10 tries at aspect ratio 3/4-4/3, then a central crop) resized to
+``crop x crop``; RECALL's code scales by 0.5-1.5 before a padded crop.
 """
 
 from __future__ import annotations
@@ -16,23 +24,65 @@ import numpy as np
 from clseg_jax.data import base
 
 
+def rescale(image: np.ndarray, label: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scales ``image [H,W,3]`` (bilinear) and ``label [H,W]`` (nearest: no new label values)."""
+    from PIL import Image
+
+    h, w = label.shape
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+    return image, label
+
+
+def padded_crop(
+    image: np.ndarray, label: np.ndarray, crop: tuple[int, int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A random ``crop = (ch, cw)`` window; image 0 / label 255 bottom/right where too small."""
+    ch, cw = crop
+    h, w = label.shape
+    if h < ch or w < cw:
+        ph, pw = max(ch, h), max(cw, w)
+        padded_image = np.zeros((ph, pw, 3), np.uint8)
+        padded_label = np.full((ph, pw), base.IGNORE, np.uint8)
+        padded_image[:h, :w] = image
+        padded_label[:h, :w] = label
+        image, label, h, w = padded_image, padded_label, ph, pw
+    top = rng.integers(0, h - ch + 1)
+    left = rng.integers(0, w - cw + 1)
+    return image[top : top + ch, left : left + cw], label[top : top + ch, left : left + cw]
+
+
 class Augment(grain.transforms.RandomMap):
-    """Paired image+mask augmentation: random crop to ``crop`` and horizontal flip.
+    """Paired image+mask augmentation: random scale, random crop to ``crop``, horizontal flip.
 
     Also applies the class visibility (background shift) to the label. Whole-image labels (class
-    ids, multi-hot vectors) are not spatial: only the image is cropped and flipped.
+    ids, multi-hot vectors) are not spatial: only the image is cropped and flipped (and never
+    scaled). With ``scale`` off, images smaller than ``crop`` are left as they are; with it on,
+    the output is always ``crop x crop`` (the input's size when ``crop`` is None), padded.
     """
 
-    def __init__(self, visible: np.ndarray, crop: int | None, flip: bool):
+    def __init__(
+        self,
+        visible: np.ndarray,
+        crop: int | None,
+        flip: bool,
+        scale: tuple[float, float] | None = None,
+    ):
         self.visible = visible
         self.crop = crop
         self.flip = flip
+        self.scale = None if scale is None else (float(scale[0]), float(scale[1]))
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         image, label = element["image"], element["label"]
         dense = label.ndim == 2
         h, w = image.shape[:2]
-        if self.crop and (self.crop < h or self.crop < w):
+        if self.scale is not None and dense:
+            image, label = rescale(image, label, rng.uniform(*self.scale))
+            crop = (self.crop, self.crop) if self.crop else (h, w)
+            image, label = padded_crop(image, label, crop, rng)
+        elif self.crop and (self.crop < h or self.crop < w):
             top = rng.integers(0, h - self.crop + 1)
             left = rng.integers(0, w - self.crop + 1)
             image = image[top : top + self.crop, left : left + self.crop]
@@ -56,10 +106,14 @@ def train_dataset(
     seed: int,
     crop: int | None = None,
     flip: bool = False,
+    scale: tuple[float, float] | None = None,
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.MapDataset:
     """Batches of this process's rows: ``image [b,H,W,3] uint8``, ``label [b,H,W] uint8``.
+
+    ``scale=(lo, hi)`` turns on the random scale of the papers' augmentation (module docstring):
+    the rows are then ``crop x crop`` (the source's size when ``crop`` is None).
 
     ``len(result)`` is the number of steps; iterate ``iter(result.to_iter_dataset())`` and use its
     ``get_state()``/``set_state()`` to resume mid-epoch.
@@ -71,7 +125,9 @@ def train_dataset(
             f"{source!r}: {len(source)} training examples, fewer than one batch of {global_batch}"
         )
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(epochs)
-    ds = ds.random_map(Augment(visible, crop, flip))
+    if scale is not None and not 0 < scale[0] <= scale[1]:
+        raise ValueError(f"scale must be (lo, hi) with 0 < lo <= hi, got {tuple(scale)}")
+    ds = ds.random_map(Augment(visible, crop, flip, scale))
     # Drop the global remainder first so that every process gets the same number of batches.
     usable = len(ds) // global_batch * global_batch
     ds = ds[:usable][process_index::process_count]

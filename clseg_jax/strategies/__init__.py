@@ -26,6 +26,7 @@ from clseg_jax.strategies import (
     mas,
     naive,
     ppi,
+    recall,
     rehearsal,
     replay,
     rwalk,
@@ -33,7 +34,23 @@ from clseg_jax.strategies import (
 )
 
 # Modules whose DEFAULTS go into config.strategy.
-MODULES = (naive, rehearsal, si, lwf, lfl, ewc, mas, rwalk, replay, gem, agem, ppi, der, icarl)
+MODULES = (
+    naive,
+    rehearsal,
+    si,
+    lwf,
+    lfl,
+    ewc,
+    mas,
+    rwalk,
+    replay,
+    gem,
+    agem,
+    ppi,
+    der,
+    icarl,
+    recall,
+)
 
 STRATEGIES: dict[str, Callable[..., base.Strategy]] = {
     "naive": naive.make,
@@ -51,6 +68,7 @@ STRATEGIES: dict[str, Callable[..., base.Strategy]] = {
     "ppi": ppi.make,
     "der": der.make,
     "icarl": icarl.make,
+    "recall": recall.make,
 }
 
 

@@ -101,6 +101,7 @@ class Env(NamedTuple):
       label_shape: one label's shape: ``(H, W)`` masks, ``()`` class ids, ``(K,)`` multi-hot.
       seed: the run's seed, for host-side randomness between phases (memory selection).
       task: what is predicted (``tasks.Task``): its loss is the one memory gradients use.
+      class_names: one name per class id (replay sources find a class's folder by its name).
     """
 
     forward: Forward
@@ -110,6 +111,7 @@ class Env(NamedTuple):
     label_shape: tuple[int, ...] = ()
     seed: int = 0
     task: tasks.Task = tasks.SEGMENTATION
+    class_names: tuple[str, ...] = ()
 
 
 def _init(params, batch_stats):
