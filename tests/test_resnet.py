@@ -168,8 +168,8 @@ def test_load_backbone_under_a_new_head(tmp_path):
 
 
 def test_converter_rejects_unknown_names():
-    with pytest.raises(ValueError, match=r"'layer1\.0\.conv3\.weight'"):
-        convert_torchvision.convert({"layer1.0.conv3.weight": np.zeros((4, 4, 1, 1))})
+    with pytest.raises(ValueError, match=r"'layer1\.0\.conv9\.weight'"):
+        convert_torchvision.convert({"layer1.0.conv9.weight": np.zeros((4, 4, 1, 1))})
 
 
 @pytest.mark.parametrize("depth, hw", [(18, 50), (34, 33)])

@@ -270,3 +270,19 @@ def make_ade(cfg: ml_collections.ConfigDict) -> base.Stream:
     stream_cfg = _stream_cfg(cfg, root, names)
     stream_cfg.test_other = str(cfg.get("test_other", "ignore") or "ignore")
     return ade.make(stream_cfg)
+
+
+def replay_images(class_id: int, n: int, size: tuple[int, int], rng: np.random.Generator):
+    """``n`` new images of one shape class, uint8 ``[n,H,W,3]``: a replay source for RECALL.
+
+    The tiny datasets' stand-in for RECALL's web-crawled or GAN images of a past class: freshly
+    drawn pictures of the class (same look, other layouts than any training image), with no
+    label (the old model labels them). Use as
+    ``strategy.recall_source = "callable:clseg_jax.data.tiny_layouts:replay_images"``.
+    """
+    h, w = size
+    side = max(h, w)
+    label, _ = shapes._shape_masks(rng, n, side, 1, top_classes=(int(class_id),))
+    inst = np.where(label > 0, np.int8(0), np.int8(-1))
+    images = shapes.render(rng, inst, shapes.DOMAINS[0], max_shapes=1)
+    return np.ascontiguousarray(images[:, :h, :w])

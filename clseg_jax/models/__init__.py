@@ -10,12 +10,23 @@ import jax
 import ml_collections
 from flax import nnx
 
-from clseg_jax.models import resnet, unet
+from clseg_jax.models import bisenet, deeplab, resnet, unet
+
+# Tiny CPU variants (tests, smoke runs): ResNet-18-style BasicBlocks at an eighth of the width.
+_SMALL = dict(depth=18, base_width=8)
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     "unet": unet.UNet,
     "resnet18": functools.partial(resnet.ResNet, depth=18),
     "resnet34": functools.partial(resnet.ResNet, depth=34),
+    "resnet50": functools.partial(resnet.ResNet, depth=50),
+    "resnet101": functools.partial(resnet.ResNet, depth=101),
+    "deeplabv3": deeplab.DeepLabV3,  # kwargs pick depth, output_stride, ...; ResNet-101 OS16
+    "deeplabv3_r50": functools.partial(deeplab.DeepLabV3, depth=50),
+    "deeplabv3_r101": functools.partial(deeplab.DeepLabV3, depth=101),
+    "deeplabv3_small": functools.partial(deeplab.DeepLabV3, aspp_channels=32, **_SMALL),
+    "bisenet": bisenet.BiSeNet,  # ResNet-18 context path
+    "bisenet_small": functools.partial(bisenet.BiSeNet, **_SMALL),
 }
 
 

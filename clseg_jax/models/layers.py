@@ -33,6 +33,8 @@ def torch_uniform(fan_in: int):
 class Conv(nnx.Module):
     """k x k conv, stride 1, 'SAME' padding; kernel ``[k,k,Cin,Cout]`` (HWIO).
 
+    Kernel and bias start as PyTorch's default unless ``kernel_init`` replaces the kernel's.
+
     With ``in_splits=(c1, c2)`` the call takes two inputs whose channels add up to Cin and sums
     two convs on the kernel's slices (same math as a conv on their concatenation).
     """
@@ -47,11 +49,12 @@ class Conv(nnx.Module):
         rngs: nnx.Rngs,
         in_splits: tuple[int, ...] | None = None,
         dtype: jnp.dtype | None = None,
+        kernel_init: jax.nn.initializers.Initializer | None = None,
     ):
         fan_in = in_features * kernel_size * kernel_size
         init = torch_uniform(fan_in)
         shape = (kernel_size, kernel_size, in_features, out_features)
-        self.kernel = nnx.Param(init(rngs.params(), shape))
+        self.kernel = nnx.Param((kernel_init or init)(rngs.params(), shape))
         self.bias = nnx.Param(init(rngs.params(), (out_features,))) if use_bias else None
         self.in_splits = in_splits or (in_features,)
         if sum(self.in_splits) != in_features:
@@ -99,6 +102,16 @@ class UpConv2x2(nnx.Module):
         y = jnp.einsum("bhwc,ijcd->bhiwjd", x.astype(dtype), self.kernel[...].astype(dtype))
         y = y.reshape(b, 2 * h, 2 * w, -1)  # depth-to-space
         return y + self.bias[...].astype(dtype)
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Bilinear resize ``[B,h,w,C] -> [B,H,W,C]``, PyTorch's ``F.interpolate(x, size,
+    mode="bilinear", align_corners=False)``: half-pixel centres, edge pixels repeated.
+
+    ``antialias=False``: PyTorch's bilinear does not low-pass when shrinking; JAX's default would.
+    """
+    b, _, _, c = x.shape
+    return jax.image.resize(x, (b, *size, c), "bilinear", antialias=False)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
