@@ -104,3 +104,88 @@ def binary_distillation(
     per = per + t * jnp.log(t) + (1 - t) * jnp.log1p(-t)
     count = jnp.maximum(jnp.sum(class_mask) * x.shape[0], 1)
     return jnp.sum(jnp.where(class_mask, per, 0.0)) / count
+
+
+def unbiased_cross_entropy(
+    logits: jax.Array, labels: jax.Array, old_mask: jax.Array, mean_over: str = "valid"
+) -> jax.Array:
+    """MiB's unbiased cross-entropy (Cermelli et al., CVPR 2020). Returns a scalar.
+
+    A pixel labelled background (0) may show a class learned in an earlier step, unlabelled now
+    (background shift), so its target probability is that of background *or* any old class::
+
+        -log( sum_{c in {0} u old} p(c) )    for label 0,    -log p(label)    otherwise,
+
+    with ``p`` the softmax over the logits (mask them with ``mask_logits`` first: the classes
+    seen so far). Pixels labelled with an old class (settings where old classes keep their
+    labels) use their own probability: they are labelled, not shifted. MiB's code maps them to 0
+    instead, which changes nothing in its disjoint/overlapped data, where they never occur.
+    With an empty ``old_mask`` this is ``cross_entropy``.
+
+    Args:
+      logits: ``[..., K]``, e.g. ``[B,H,W,K]``.
+      labels: ``[...]`` int; 255 (or ``>= K``) is ignored.
+      old_mask: ``bool [K]``, the classes of earlier steps (background may or may not be in it).
+      mean_over: "valid" divides by the number of non-ignored pixels (like ``cross_entropy``);
+        "all" by every pixel, ignored ones counting 0 (MiB's code: ``reduction='none'`` then
+        ``.mean()``).
+    """
+    if mean_over not in ("valid", "all"):
+        raise ValueError(f"mean_over must be 'valid' or 'all', got {mean_over!r}")
+    x = logits.astype(jnp.float32)
+    num_classes = x.shape[-1]
+    valid = (labels != IGNORE) & (labels < num_classes)
+    safe = jnp.where(valid, labels, 0)
+    group = jnp.asarray(old_mask, bool) | (jnp.arange(num_classes) == 0)  # [K]
+    log_den = jax.nn.logsumexp(x, axis=-1)
+    log_group = jax.nn.logsumexp(jnp.where(group, x, NEG), axis=-1)
+    own = jnp.take_along_axis(x, safe[..., None], axis=-1)[..., 0]
+    nll = log_den - jnp.where(safe == 0, log_group, own)
+    count = jnp.sum(valid) if mean_over == "valid" else valid.size
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1)
+
+
+def unbiased_distillation(
+    new_logits: jax.Array,
+    old_logits: jax.Array,
+    old_mask: jax.Array,
+    class_mask: jax.Array,
+    alpha: float = 1.0,
+) -> jax.Array:
+    """MiB's unbiased knowledge distillation (Cermelli et al., CVPR 2020). Returns a scalar.
+
+    The old model never saw the new classes: where it says "background", the new model may
+    rightly say a new class. So the new model's background probability is taken as that of
+    background *or* any new class, and the old model's softmax (over its classes, background
+    included) is the target::
+
+        -(1 / |old|) mean_pixels sum_{c in old} q(c) log p_hat(c),
+        q = softmax_old(alpha * z_old),  p = softmax_seen(z_new),
+        p_hat(0) = p(0) + sum_{c in seen \\ old} p(c),  p_hat(c) = p(c) otherwise.
+
+    The ``1 / |old|`` and ``alpha`` multiplying the old logits only (no ``T^2``) are MiB's code
+    (``UnbiasedKnowledgeDistillationLoss``; ``alpha = 1`` there), whose ``loss_kd = 10`` weight
+    assumes them. The mean runs over every pixel, labels play no part. An empty ``old_mask``
+    gives 0.
+
+    Args:
+      new_logits: ``[..., K]`` current model.
+      old_logits: ``[..., K]`` frozen previous model (only its ``old_mask`` classes are read).
+      old_mask: ``bool [K]``, the classes the old model knew (background included).
+      class_mask: ``bool [K]``, the classes the current model may predict (seen so far).
+      alpha: multiplies the old logits (> 1 sharpens the targets).
+    """
+    old_mask = jnp.asarray(old_mask, bool)
+    class_mask = jnp.asarray(class_mask, bool)
+    num_classes = new_logits.shape[-1]
+    background = jnp.arange(num_classes) == 0
+    x = jnp.where(class_mask, new_logits.astype(jnp.float32), NEG)
+    log_den = jax.nn.logsumexp(x, axis=-1, keepdims=True)
+    absorbed = background | (class_mask & ~old_mask)  # background + the classes new since
+    log_bg = jax.nn.logsumexp(jnp.where(absorbed, x, NEG), axis=-1, keepdims=True)
+    log_p = jnp.where(background, log_bg, x) - log_den  # [..., K]
+    z_old = jnp.where(old_mask, alpha * old_logits.astype(jnp.float32), NEG)
+    q = jax.nn.softmax(z_old, axis=-1)
+    # ``where``: masked classes contribute exact zeros (no 0 * NEG products in the backward pass).
+    per_pixel = -jnp.sum(jnp.where(old_mask, q * log_p, 0.0), axis=-1)
+    return jnp.mean(per_pixel) / jnp.maximum(jnp.sum(old_mask), 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from clseg_jax import strategies
 
@@ -44,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
             "momentum": 0.9,
             "weight_decay": 0.0,
             "schedule": "constant",
+            # Base rate of the phases after the first (MiB, PLOP: 0.001 after 0.01); unset =
+            # lr. A typed placeholder so that --config.optimizer.lr_next=... works.
+            "lr_next": config_dict.placeholder(float),
             # Fresh optimizer state (momentum, Adam moments) per experience; the Avalanche
             # baseline matches it with reset_optimizer_state=True (its 0.6 default keeps state).
             "reset_per_phase": True,

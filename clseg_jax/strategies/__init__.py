@@ -21,10 +21,13 @@ from clseg_jax.strategies import (
     ewc,
     gem,
     icarl,
+    ilt,
     lfl,
     lwf,
     mas,
+    mib,
     naive,
+    plop,
     ppi,
     recall,
     rehearsal,
@@ -50,6 +53,9 @@ MODULES = (
     der,
     icarl,
     recall,
+    mib,
+    ilt,
+    plop,
 )
 
 STRATEGIES: dict[str, Callable[..., base.Strategy]] = {
@@ -69,6 +75,9 @@ STRATEGIES: dict[str, Callable[..., base.Strategy]] = {
     "der": der.make,
     "icarl": icarl.make,
     "recall": recall.make,
+    "mib": mib.make,
+    "ilt": ilt.make,
+    "plop": plop.make,
 }
 
 
