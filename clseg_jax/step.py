@@ -54,18 +54,35 @@ def new_monitor() -> Monitor:
     return Monitor(first_bad_step=jnp.array(-1, jnp.int32))
 
 
-def make_forward(graphdef: nnx.GraphDef) -> base.Forward:
+# ImageNet channel statistics (torchvision's), for backbones converted from ImageNet weights.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INPUT_NORMS = ("symmetric", "imagenet")
+
+
+def make_forward(graphdef: nnx.GraphDef, input_norm: str = "symmetric") -> base.Forward:
     """Pure forward over ``(params, batch_stats)`` pure-dict pytrees (faster than ``nnx.jit``).
 
     Pure dicts, not ``nnx.State``: a State's Variables carry the trace they were made in, and the
     step differentiates inside ``jit``.
 
-    uint8 images are mapped to [-1, 1]; float images (e.g. synthesised ones) are taken as they are.
+    uint8 images are normalised: ``"symmetric"`` maps them to [-1, 1]; ``"imagenet"`` to
+    ``(x / 255 - mean) / std`` with ImageNet's channel statistics, what a backbone converted from
+    torchvision's ImageNet weights expects. Float images (e.g. synthesised ones) are taken as
+    they are.
     """
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"unknown input_norm {input_norm!r}; valid: {list(INPUT_NORMS)}")
 
     def forward(params, batch_stats, images, train):
         if jnp.issubdtype(images.dtype, jnp.integer):
-            images = images.astype(jnp.float32) / 127.5 - 1.0
+            x = images.astype(jnp.float32)
+            if input_norm == "imagenet":
+                mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+                std = jnp.asarray(IMAGENET_STD, jnp.float32)
+                images = (x / 255.0 - mean) / std
+            else:
+                images = x / 127.5 - 1.0
         model = nnx.merge(graphdef, params, batch_stats)
         outputs = model(images, train=train)
         return outputs, nnx.state(model, nnx.BatchStat).to_pure_dict()

@@ -189,7 +189,9 @@ class _Run:
                 skip_head=bool(pretrained.get("skip_head", True)),
                 into=pretrained.get("into", None) or None,
             )
-        self.forward = step_lib.make_forward(self.graphdef)
+        self.forward = step_lib.make_forward(
+            self.graphdef, config.model.get("input_norm", "symmetric")
+        )
         image_shape, label_shape = self._row_shapes()
         self.task = tasks.for_stream(self.stream.kind, label_shape)
         env = base.Env(

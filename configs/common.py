@@ -35,7 +35,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.data = ml_collections.ConfigDict({"name": "shapes_di", "seed": 0})
     c.model = ml_collections.ConfigDict(
-        {"name": "unet", "kwargs": {"widths": (16, 32, 64, 128), "norm": "batch"}}
+        {
+            "name": "unet",
+            "kwargs": {"widths": (16, 32, 64, 128), "norm": "batch"},
+            # "symmetric": uint8 -> [-1, 1]; "imagenet": torchvision's mean/std (converted
+            # ImageNet backbones).
+            "input_norm": "symmetric",
+        }
     )
     c.strategy = ml_collections.ConfigDict({"name": "naive", **strategies.default_hparams()})
     c.optimizer = ml_collections.ConfigDict(

@@ -123,6 +123,7 @@ def make(a, dataset: str, num_classes: int):
     c.data.test_fit = "resize_crop"
     c.model.name = a.model
     c.model.kwargs = {"output_stride": 16}
+    c.model.input_norm = "imagenet"  # the ImageNet-pretrained backbone's input statistics
     c.augment.crop = a.size
     c.augment.scale = (0.5, 2.0)
     c.augment.flip = True

@@ -11,6 +11,9 @@ seconds, XLA's FLOP count per step and MFU = achieved FLOP/s over the device's p
 (``--peak-tflops``; by default a table of known accelerators, on CPU a float32 2048x2048 matmul
 measured in the same run).
 
+``--flops-only`` prints XLA's FLOP count per training image of the lowered step (no
+compilation, so the full-size GPU preset can be counted on a laptop).
+
 Presets: ``cpu`` is a correctness-sized shape (the small DeepLab, 64x64, batch 4, float32); ``gpu``
 is W3's (DeepLab-v3 ResNet-101, OS16, crop 512, global batch 24, 21 classes, bf16 compute).
 """
@@ -64,7 +67,9 @@ def _phase(num_classes: int, old: int) -> base.Phase:
     return base.Phase(1, (1,), seen[old:], seen, mask, lambda b: iter(()))
 
 
-def bench(preset: dict, strategy_name: str, steps: int, warmup: int) -> dict:
+def bench(
+    preset: dict, strategy_name: str, steps: int, warmup: int, flops_only: bool = False
+) -> dict:
     cfg = ml_collections.ConfigDict(
         {"name": preset["model"], "kwargs": {"dtype": preset["dtype"]} if preset["dtype"] else {}}
     )
@@ -80,7 +85,8 @@ def bench(preset: dict, strategy_name: str, steps: int, warmup: int) -> dict:
         {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "poly"}
     )
     tx = step_lib.make_optimizer(opt, 1000)
-    sstate = strategy.init(params, stats)
+    # One program, as the trainer does: distinct output buffers (the step donates its state).
+    sstate = jax.jit(strategy.init)(params, stats)
     # A finished first phase: the snapshot is active and the old model is the current one.
     sstate = strategy.after_phase(params, stats, sstate, _phase(NUM_CLASSES, 0)._replace(index=0))
     mesh = sharding.make_mesh((("data", -1),))
@@ -106,8 +112,13 @@ def bench(preset: dict, strategy_name: str, steps: int, warmup: int) -> dict:
         step_lib.TrainMetrics.empty(),
         step_lib.new_monitor(),
     )
+    lowered = jitted.lower(*carried, batch, key, mask)
+    if flops_only:  # XLA's count on the lowered program: no compilation, any machine
+        cost = lowered.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return {"gflop_per_image": float(cost["flops"]) / 1e9 / batch_size}
     t0 = time.perf_counter()
-    compiled = jitted.lower(*carried, batch, key, mask).compile()
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     med, times = _time_steps(lambda *c: compiled(*c, batch, key, mask), carried, steps, warmup)
     flops = _xla_flops(compiled)
@@ -128,10 +139,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument(
+        "--flops-only", action="store_true", help="GFLOP per image from XLA, no timing"
+    )
+    parser.add_argument("--batch", type=int, default=None, help="override the preset's batch")
     parser.add_argument("--out", default="experiments/results/bench_w3_cpu.json")
     args = parser.parse_args()
 
-    preset = PRESETS[args.preset]
+    preset = dict(PRESETS[args.preset])
+    if args.batch:
+        preset["batch"] = args.batch
+    if args.flops_only:
+        for name in args.strategies.split(","):
+            r = bench(preset, name, 0, 0, flops_only=True)
+            print(f"{name:6s} {r['gflop_per_image']:8.1f} GFLOP per training image")
+        return
     peak, peak_source = _peak_tflops(args.peak_tflops)
     results = {}
     for name in args.strategies.split(","):

@@ -1,4 +1,5 @@
-"""The optimizer's per-phase learning-rate schedule against optax's own schedules."""
+"""step.py's pieces: the per-phase learning-rate schedule against optax's own schedules, and
+the forward's input normalisations."""
 
 from __future__ import annotations
 
@@ -70,3 +71,23 @@ def test_unknown_schedule_is_one_line_error():
     cfg = ml_collections.ConfigDict({"name": "sgd", "lr": 0.1, "schedule": "step"})
     with pytest.raises(ValueError, match="unknown lr schedule 'step'; valid"):
         step_lib.make_optimizer(cfg, 10)
+
+
+def test_forward_input_normalisations():
+    from flax import nnx
+
+    class Identity(nnx.Module):
+        def __call__(self, x, train=False):
+            return {"logits": x}
+
+    graphdef, params, stats = nnx.split(Identity(), nnx.Param, nnx.BatchStat)
+    images = jnp.array([[[[0, 128, 255]]]], jnp.uint8)
+    sym, _ = step_lib.make_forward(graphdef)(params, stats, images, False)
+    assert jnp.allclose(sym["logits"], jnp.array([-1.0, 128 / 127.5 - 1, 1.0]), atol=1e-6)
+    imnet, _ = step_lib.make_forward(graphdef, "imagenet")(params, stats, images, False)
+    expected = (jnp.array([0, 128, 255]) / 255.0 - jnp.array(step_lib.IMAGENET_MEAN)) / jnp.array(
+        step_lib.IMAGENET_STD
+    )
+    assert jnp.allclose(imnet["logits"][0, 0, 0], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown input_norm 'caffe'"):
+        step_lib.make_forward(graphdef, "caffe")
