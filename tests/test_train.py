@@ -181,8 +181,8 @@ def test_non_finite_loss_stops_and_keeps_only_finite_checkpoints(tmp_path):
     "flag, message",
     [
         ("--config.strategy.name=foo", "unknown strategy 'foo'; valid: ['agem', 'cumulative',"),
-        ("--config.data.name=voc", "unknown dataset 'voc'; valid: ["),
-        ("--config.model.name=vgg", "unknown model 'vgg'; valid: ['resnet18', 'resnet34', 'unet']"),
+        ("--config.data.name=coco", "unknown dataset 'coco'; valid: ['ade', 'digits_ci',"),
+        ("--config.model.name=vgg", "unknown model 'vgg'; valid: ['bisenet', 'bisenet_small',"),
     ],
 )
 def test_unknown_names_give_one_line_errors(flag, message, tmp_path):

@@ -60,9 +60,6 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     if env.task.name == "multilabel":
         raise ValueError("ilt distils softmax outputs: not for multilabel tasks")
 
-    def init(params: PyTree, batch_stats: PyTree) -> snapshot.Snapshot:
-        return snapshot.empty(params, batch_stats, env.num_classes)
-
     def loss(
         inputs: base.LossInputs, snap: snapshot.Snapshot, key: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -75,10 +72,8 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
         kd, de = snap.active * kd, snap.active * de
         return kd + de, {"ilt_kd": kd, "ilt_de": de}
 
-    def after_phase(
-        params: PyTree, batch_stats: PyTree, snap: snapshot.Snapshot, phase: base.Phase
-    ) -> snapshot.Snapshot:
-        del snap
-        return snapshot.take(params, batch_stats, phase.class_mask)
-
-    return base.Strategy(init=init, loss=loss, after_phase=after_phase)
+    return base.Strategy(
+        init=snapshot.initializer(env.num_classes),
+        loss=loss,
+        after_phase=snapshot.after_phase,
+    )

@@ -64,9 +64,6 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     if layer not in LAYERS:
         raise ValueError(f"lfl_layer must be one of {LAYERS}, got {layer!r}")
 
-    def init(params: PyTree, batch_stats: PyTree) -> snapshot.Snapshot:
-        return snapshot.empty(params, batch_stats, env.num_classes)
-
     def loss(
         inputs: base.LossInputs, snap: snapshot.Snapshot, key: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -86,15 +83,9 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
         head = jax.tree.map(lambda g: g * keep.astype(g.dtype), grads["head"])
         return {**grads, "head": head}
 
-    def after_phase(
-        params: PyTree, batch_stats: PyTree, snap: snapshot.Snapshot, phase: base.Phase
-    ) -> snapshot.Snapshot:
-        del snap
-        return snapshot.take(params, batch_stats, phase.class_mask)
-
     return base.Strategy(
-        init=init,
+        init=snapshot.initializer(env.num_classes),
         loss=loss,
         transform_grads=transform_grads if freeze_head else base.Strategy().transform_grads,
-        after_phase=after_phase,
+        after_phase=snapshot.after_phase,
     )

@@ -40,9 +40,6 @@ DEFAULTS = {"lwf_alpha": 1.0, "lwf_temperature": 2.0}
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     alpha, temperature = float(cfg.lwf_alpha), float(cfg.lwf_temperature)
 
-    def init(params: PyTree, batch_stats: PyTree) -> snapshot.Snapshot:
-        return snapshot.empty(params, batch_stats, env.num_classes)
-
     def loss(
         inputs: base.LossInputs, snap: snapshot.Snapshot, key: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -59,10 +56,8 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
         value = snap.active * alpha * kd
         return value, {"lwf": value}
 
-    def after_phase(
-        params: PyTree, batch_stats: PyTree, snap: snapshot.Snapshot, phase: base.Phase
-    ) -> snapshot.Snapshot:
-        del snap
-        return snapshot.take(params, batch_stats, phase.class_mask)
-
-    return base.Strategy(init=init, loss=loss, after_phase=after_phase)
+    return base.Strategy(
+        init=snapshot.initializer(env.num_classes),
+        loss=loss,
+        after_phase=snapshot.after_phase,
+    )

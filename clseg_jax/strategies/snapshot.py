@@ -44,3 +44,18 @@ def outputs(forward, snap: Snapshot, images: jax.Array) -> dict[str, jax.Array]:
     """The frozen model's eval-mode outputs (running statistics; updates nothing), no gradient."""
     out, _ = forward(snap.params, snap.batch_stats, images, False)
     return jax.tree.map(jax.lax.stop_gradient, out)
+
+
+def initializer(num_classes: int):
+    """``init`` hook of a strategy whose whole state is one snapshot (LwF, LFL, ILT)."""
+
+    def init(params, batch_stats) -> Snapshot:
+        return empty(params, batch_stats, num_classes)
+
+    return init
+
+
+def after_phase(params, batch_stats, snap: Snapshot, phase) -> Snapshot:
+    """``after_phase`` hook of such a strategy: freeze the model that just finished ``phase``."""
+    del snap
+    return take(params, batch_stats, phase.class_mask)
