@@ -123,22 +123,89 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+class ContinualNorm(nnx.Module):
+    """Continual Normalization (Pham, Liu & Hoi, ICLR 2022): group norm *without* its affine
+    transform, then batch norm (with running statistics and the affine transform).
+
+    ``[..., C] -> [..., C]``. The group step normalises each sample on its own, so the batch
+    statistics that follow drift less when the data distribution changes between experiences
+    (CCSI's normalization). ``bn`` is an ``nnx.BatchNorm`` like ``make_norm("batch")``'s.
+    """
+
+    def __init__(self, features: int, *, groups: int = 32, rngs: nnx.Rngs):
+        self.gn = nnx.GroupNorm(
+            features,
+            num_groups=min(groups, features),
+            epsilon=1e-5,
+            use_bias=False,
+            use_scale=False,
+            rngs=rngs,
+        )
+        self.bn = nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        return apply_norm(self.bn, self.gn(x), train)
+
+
 def make_norm(kind: str, features: int, *, rngs: nnx.Rngs, groups: int = 8) -> nnx.Module | None:
-    """Normalization layer by name: "batch" (PyTorch's eps and momentum), "group", "none"."""
+    """Normalization layer by name: "batch" (PyTorch's eps and momentum), "group", "continual"
+    (``ContinualNorm``, 32 groups as in the CN paper), "none"."""
     if kind == "batch":
         # Flax momentum 0.9 == PyTorch momentum 0.1 (running = 0.9 running + 0.1 batch).
         return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, rngs=rngs)
     if kind == "group":
         return nnx.GroupNorm(features, num_groups=min(groups, features), epsilon=1e-5, rngs=rngs)
+    if kind == "continual":
+        return ContinualNorm(features, rngs=rngs)
     if kind == "none":
         return None
-    raise ValueError(f"unknown norm {kind!r}; valid: ['batch', 'group', 'none']")
+    raise ValueError(f"unknown norm {kind!r}; valid: ['batch', 'continual', 'group', 'none']")
+
+
+# Attribute that ``capture_moments`` sets on every BatchNorm of a merged model.
+CAPTURE = "capture_moments"
+
+
+class Moments(nnx.Intermediate):
+    """What a capturing BatchNorm sows: its input's batch moments next to its running ones."""
 
 
 def apply_norm(norm: nnx.Module | None, x: jax.Array, train: bool) -> jax.Array:
-    """Applies a norm layer; BatchNorm uses batch statistics only when ``train``."""
+    """Applies a norm layer; BatchNorm uses batch statistics only when ``train``.
+
+    A BatchNorm flagged by ``capture_moments`` also sows ``(mean [C], var [C], running_mean [C],
+    running_var [C])`` of its input (over every axis but the channels; the variance biased, as
+    PyTorch's BatchNorm hooks in DeepInversion compute it) as a ``Moments`` intermediate.
+    """
     if norm is None:
         return x
+    if isinstance(norm, ContinualNorm):
+        return norm(x, train)
     if isinstance(norm, nnx.BatchNorm):
+        if getattr(norm, CAPTURE, False):
+            xf = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axis=axes)
+            var = jnp.mean(jnp.square(xf - mean), axis=axes)
+            norm.sow(Moments, "moments", (mean, var, norm.mean[...], norm.var[...]))
         return norm(x, use_running_average=not train)
     return norm(x)
+
+
+def capture_moments(model: nnx.Module) -> nnx.Module:
+    """Flags every BatchNorm of ``model`` (a freshly merged copy) to sow its input moments."""
+    for _, module in model.iter_modules():
+        if isinstance(module, nnx.BatchNorm):
+            setattr(module, CAPTURE, True)
+    return model
+
+
+def captured_moments(model: nnx.Module) -> list[tuple[jax.Array, ...]]:
+    """The ``Moments`` a flagged model sowed in its last call, one tuple per BatchNorm call, in
+    call order."""
+    out = []
+    for _, module in model.iter_modules():
+        if isinstance(module, nnx.BatchNorm) and hasattr(module, "moments"):
+            sown = module.moments  # a tuple of the sown values, one per call
+            out.extend(sown.get_value() if isinstance(sown, nnx.Variable) else sown)
+    return out
