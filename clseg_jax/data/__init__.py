@@ -15,6 +15,7 @@ from clseg_jax.data import (
     base,
     classification,
     digits,
+    medmnist,
     npz,
     shapes,
     tfds_seg,
@@ -37,6 +38,7 @@ DATASETS: dict[str, Callable[[ml_collections.ConfigDict], base.Stream]] = {
     "tfds_seg": tfds_seg.make,
     "tiny_voc": tiny_layouts.make_voc,
     "tiny_ade": tiny_layouts.make_ade,
+    "medmnist": medmnist.make,
 }
 
 
