@@ -203,6 +203,8 @@ class _Run:
             seed=config.seed,
             task=self.task,
             class_names=tuple(self.stream.class_names),
+            graphdef=self.graphdef,
+            input_norm=config.model.get("input_norm", "symmetric"),
         )
         self.strategy = strategies.make(config.strategy, env)
         self.phases = _phases(

@@ -22,7 +22,7 @@ from configs import multilabel_digits, split_digits
 from tests import tiny
 
 # Strategies defined for one kind of task only run their contract on a stream of that kind.
-TASK_OF = {"ppi": "multilabel", "icarl": "classification"}
+TASK_OF = {"ppi": "multilabel", "icarl": "classification", "ccsi": "classification"}
 
 
 def _config(task: str):
@@ -61,6 +61,13 @@ def test_strategy_contract(name, setups, tmp_path):
     if name == "recall":  # replay images must come from somewhere: noise stands in for the web
         cfg.strategy.recall_source = "callable:clseg_jax.data.replay_sources:noise"
         cfg.strategy.recall_per_class = 8
+    if name == "ccsi":  # noise stands in for class impressions: the contract is about shapes
+        cfg.strategy.ccsi_synthesize = "callable:clseg_jax.strategies.ccsi:noise_synthesize"
+        cfg.strategy.ccsi_mem_size = 16
+    if name == "deepinversion":  # a few inversion steps: the contract is about shapes
+        cfg.strategy.di_iterations = 3
+        cfg.strategy.di_mem_size = 16
+        cfg.strategy.di_replay_batch = 4
     forward = step_lib.make_forward(graphdef)
     example = stream.experiences[0].train[0]
     env = base.Env(
@@ -70,6 +77,7 @@ def test_strategy_contract(name, setups, tmp_path):
         image_shape=example["image"].shape,
         label_shape=example["label"].shape,
         task=tasks.for_stream(stream.kind, example["label"].shape),
+        graphdef=graphdef,
     )
     strategy = strategies.make(cfg.strategy, env)
     tx = step_lib.make_optimizer(cfg.optimizer, 4)

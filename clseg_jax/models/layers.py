@@ -166,46 +166,52 @@ def make_norm(kind: str, features: int, *, rngs: nnx.Rngs, groups: int = 8) -> n
 CAPTURE = "capture_moments"
 
 
-class Moments(nnx.Intermediate):
-    """What a capturing BatchNorm sows: its input's batch moments next to its running ones."""
+class _MomentLog:
+    """One list shared by a model's flagged BatchNorms: entries land in *call* order (module
+    iteration order is alphabetical, which would put a ResNet's stem BN last)."""
+
+    def __init__(self):
+        self.entries: list[tuple[jax.Array, ...]] = []
 
 
 def apply_norm(norm: nnx.Module | None, x: jax.Array, train: bool) -> jax.Array:
     """Applies a norm layer; BatchNorm uses batch statistics only when ``train``.
 
-    A BatchNorm flagged by ``capture_moments`` also sows ``(mean [C], var [C], running_mean [C],
-    running_var [C])`` of its input (over every axis but the channels; the variance biased, as
-    PyTorch's BatchNorm hooks in DeepInversion compute it) as a ``Moments`` intermediate.
+    A BatchNorm flagged by ``capture_moments`` also records ``(mean [C], var [C], running_mean
+    [C], running_var [C])`` of its input (over every axis but the channels; the variance biased,
+    as PyTorch's BatchNorm hooks in DeepInversion compute it).
     """
     if norm is None:
         return x
     if isinstance(norm, ContinualNorm):
         return norm(x, train)
     if isinstance(norm, nnx.BatchNorm):
-        if getattr(norm, CAPTURE, False):
+        log = getattr(norm, CAPTURE, None)
+        if log is not None:
             xf = x.astype(jnp.float32)
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(xf, axis=axes)
             var = jnp.mean(jnp.square(xf - mean), axis=axes)
-            norm.sow(Moments, "moments", (mean, var, norm.mean[...], norm.var[...]))
+            log.entries.append((mean, var, norm.mean[...], norm.var[...]))
         return norm(x, use_running_average=not train)
     return norm(x)
 
 
 def capture_moments(model: nnx.Module) -> nnx.Module:
-    """Flags every BatchNorm of ``model`` (a freshly merged copy) to sow its input moments."""
+    """Flags every BatchNorm of ``model`` (a freshly merged copy, used for one call) to record
+    its input moments; read them with ``captured_moments`` after the call."""
+    log = _MomentLog()
     for _, module in model.iter_modules():
         if isinstance(module, nnx.BatchNorm):
-            setattr(module, CAPTURE, True)
+            setattr(module, CAPTURE, log)
     return model
 
 
 def captured_moments(model: nnx.Module) -> list[tuple[jax.Array, ...]]:
-    """The ``Moments`` a flagged model sowed in its last call, one tuple per BatchNorm call, in
-    call order."""
-    out = []
+    """``(mean [C], var [C], running_mean [C], running_var [C])`` per BatchNorm call of the flagged
+    ``model``'s last call, in call order (the stem's BN first)."""
     for _, module in model.iter_modules():
-        if isinstance(module, nnx.BatchNorm) and hasattr(module, "moments"):
-            sown = module.moments  # a tuple of the sown values, one per call
-            out.extend(sown.get_value() if isinstance(sown, nnx.Variable) else sown)
-    return out
+        log = getattr(module, CAPTURE, None)
+        if isinstance(log, _MomentLog):
+            return list(log.entries)
+    return []

@@ -39,6 +39,9 @@ stage's output and ``penultimate`` its global average, the head's input. Paramet
 ``stem/{conv,bn}``, ``layer{1..4}/{i}/{conv1,bn1,conv2,bn2[,conv3,bn3],downsample/{conv,bn}}`` and
 (ResNet) ``head/{kernel,bias}``, so a classifier's weight file loads into a segmentation model's
 ``backbone`` sub-tree (``weights.load(..., into="backbone")``).
+
+``head="cosine"`` swaps the linear head for ``cosine.CosineLinear`` (``logits = sigma * cos(w_k,
+f)``; parameters ``head/{kernel,sigma}``, no bias), the classifier of LUCIR and CCSI.
 """
 
 from __future__ import annotations
@@ -47,13 +50,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clseg_jax.models import layers
+from clseg_jax.models import cosine, layers
 
 STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 BOTTLENECK_DEPTHS = frozenset({50, 101})
 EXPANSION = 4  # a Bottleneck's output width over its inner width
 # Which of stages 2-4 swap their stride for dilation (torchvision's replace_stride_with_dilation).
 DILATE = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}
+HEADS = ("linear", "cosine")
 
 # torchvision: kaiming_normal_(fan_out, relu) = normal with std sqrt(2 / (Cout * k * k)).
 _conv_init = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -294,7 +298,10 @@ class ResNet(Backbone):
         norm: str = "batch",
         in_channels: int = 3,
         dtype: str | None = None,
+        head: str = "linear",
     ):
+        if head not in HEADS:
+            raise ValueError(f"unknown ResNet head {head!r}; valid: {list(HEADS)}")
         super().__init__(
             rngs=rngs,
             depth=depth,
@@ -307,14 +314,17 @@ class ResNet(Backbone):
             dtype=dtype,
         )
         c_in = self.channels[-1]
-        self.head = nnx.Linear(
-            c_in,
-            num_classes,
-            kernel_init=layers.torch_uniform(c_in),
-            bias_init=layers.torch_uniform(c_in),
-            dtype=jnp.dtype(dtype) if dtype else None,
-            rngs=rngs,
-        )
+        if head == "cosine":
+            self.head = cosine.CosineLinear(c_in, num_classes, rngs=rngs)
+        else:
+            self.head = nnx.Linear(
+                c_in,
+                num_classes,
+                kernel_init=layers.torch_uniform(c_in),
+                bias_init=layers.torch_uniform(c_in),
+                dtype=jnp.dtype(dtype) if dtype else None,
+                rngs=rngs,
+            )
         self.num_classes = num_classes
 
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:

@@ -17,6 +17,8 @@ import ml_collections
 from clseg_jax.strategies import (
     agem,
     base,
+    ccsi,
+    deepinversion,
     der,
     ewc,
     gem,
@@ -56,6 +58,8 @@ MODULES = (
     mib,
     ilt,
     plop,
+    deepinversion,
+    ccsi,
 )
 
 STRATEGIES: dict[str, Callable[..., base.Strategy]] = {
@@ -78,6 +82,8 @@ STRATEGIES: dict[str, Callable[..., base.Strategy]] = {
     "mib": mib.make,
     "ilt": ilt.make,
     "plop": plop.make,
+    "deepinversion": deepinversion.make,
+    "ccsi": ccsi.make,
 }
 
 

@@ -102,6 +102,9 @@ class Env(NamedTuple):
       seed: the run's seed, for host-side randomness between phases (memory selection).
       task: what is predicted (``tasks.Task``): its loss is the one memory gradients use.
       class_names: one name per class id (replay sources find a class's folder by its name).
+      graphdef: the model's NNX graph definition, for strategies that need more than
+        ``forward`` (DeepInversion captures BatchNorm input moments); None if unknown.
+      input_norm: how ``forward`` normalises uint8 images ("symmetric": to [-1, 1]).
     """
 
     forward: Forward
@@ -112,6 +115,8 @@ class Env(NamedTuple):
     seed: int = 0
     task: tasks.Task = tasks.SEGMENTATION
     class_names: tuple[str, ...] = ()
+    graphdef: Any = None
+    input_norm: str = "symmetric"
 
 
 def _init(params, batch_stats):
