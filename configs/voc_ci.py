@@ -144,6 +144,7 @@ def _recall(c, a, dataset: str, num_classes: int) -> None:
     if a.tiny:
         c.strategy.recall_source = "callable:clseg_jax.data.tiny_layouts:replay_images"
         c.strategy.recall_per_class = 64
+        c.strategy.recall_replay_batch = 8  # half the new batch: CPU time
     elif a.replay:
         c.strategy.recall_source = a.replay if ":" in a.replay else f"folder:{a.replay}"
     else:

@@ -58,9 +58,9 @@ def test_finetuning_forgets_and_learns_the_new_class(finetune):
 
 
 def test_a_frozen_model_fails_the_criterion(finetune, tmp_path):
-    for seed in SEEDS:
-        frozen = _run(tmp_path, "finetune", seed, **{"optimizer.lr_next": 0.0})
-        assert not _beats(frozen, finetune[seed]), (seed, frozen, finetune[seed])
+    # One seed: the check is that the criterion can fail, not a property of the seed.
+    frozen = _run(tmp_path, "finetune", 0, **{"optimizer.lr_next": 0.0})
+    assert not _beats(frozen, finetune[0]), (frozen, finetune[0])
 
 
 @pytest.mark.parametrize("method", ["mib", "plop", "ilt", "recall"])

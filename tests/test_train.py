@@ -180,7 +180,7 @@ def test_non_finite_loss_stops_and_keeps_only_finite_checkpoints(tmp_path):
 @pytest.mark.parametrize(
     "flag, message",
     [
-        ("--config.strategy.name=foo", "unknown strategy 'foo'; valid: ['agem', 'cumulative',"),
+        ("--config.strategy.name=foo", "unknown strategy 'foo'; valid: ['agem', 'ccsi',"),
         ("--config.data.name=coco", "unknown dataset 'coco'; valid: ['ade', 'digits_ci',"),
         ("--config.model.name=vgg", "unknown model 'vgg'; valid: ['bisenet', 'bisenet_small',"),
     ],
