@@ -73,6 +73,21 @@ def _xla_flops(compiled) -> float | None:
         return None
 
 
+def environment() -> dict:
+    """Package versions and machine of a benchmark run, for its JSON."""
+    return {
+        "versions": {
+            **{name: metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax")},
+            "python": platform.python_version(),
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "devices": [str(d) for d in jax.devices()],
+            "cpu_count": os.cpu_count(),
+        },
+    }
+
+
 def _batch(batch_size: int, size: int):
     rng = np.random.default_rng(0)
     return {
@@ -186,15 +201,7 @@ def main() -> None:
         "matmul_2048_gflops": peak,
         "results": results,
         "config": cfg.to_dict(),
-        "versions": {
-            **{name: metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax")},
-            "python": platform.python_version(),
-        },
-        "machine": {
-            "platform": platform.platform(),
-            "devices": [str(d) for d in jax.devices()],
-            "cpu_count": os.cpu_count(),
-        },
+        **environment(),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

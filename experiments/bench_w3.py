@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
-from importlib import metadata
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +37,7 @@ from clseg_jax import models, sharding, strategies
 from clseg_jax import step as step_lib
 from clseg_jax import train as train_lib
 from clseg_jax.strategies import base
-from experiments.bench_step import _time_steps, _xla_flops, matmul_gflops
+from experiments.bench_step import _time_steps, _xla_flops, environment, matmul_gflops
 
 NUM_CLASSES = 21
 PRESETS = {
@@ -177,15 +175,7 @@ def main() -> None:
         "peak_tflops": peak,
         "peak_source": peak_source,
         "results": results,
-        "versions": {
-            **{n: metadata.version(n) for n in ("jax", "jaxlib", "flax", "optax")},
-            "python": platform.python_version(),
-        },
-        "machine": {
-            "platform": platform.platform(),
-            "devices": [str(d) for d in jax.devices()],
-            "cpu_count": os.cpu_count(),
-        },
+        **environment(),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
