@@ -21,7 +21,8 @@ overlapped 54.64 (PLOP, Table 1).
 
 ``tiny`` switches to the built-in generated VOC-layout dataset (4 shape classes, written on first
 use under ``~/.cache/clseg_jax``) with a small UNet: seconds per step on a CPU, what the tests and
-the README's CPU example run; the protocol must then fit 4 classes (e.g. ``task=2-2``).
+the README's CPU example run (``model=deeplabv3_small`` or ``bisenet_small`` there instead); the
+protocol must then fit 4 classes (e.g. ``task=3-1``).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def make(a, dataset: str, num_classes: int):
     if name == "recall":
         _recall(c, a, dataset, num_classes)
     if a.tiny:
-        _tiny(c, f"tiny_{dataset}")
+        _tiny(c, f"tiny_{dataset}", a.model)
         return c
     c.data.name = dataset
     c.data.root = a.root
@@ -163,14 +164,20 @@ def _recall(c, a, dataset: str, num_classes: int) -> None:
 SPLITS = {"voc": ("trainaug", "val"), "ade": ("training", "validation")}
 
 
-def _tiny(c, name: str) -> None:
-    """The generated 4-class dataset in the real layout and a small UNet (CPU seconds)."""
+def _tiny(c, name: str, model: str) -> None:
+    """The generated 4-class dataset in the real layout and a small UNet (CPU seconds), or the
+    ``model`` argument when one other than the full-size default is given (e.g.
+    ``deeplabv3_small``, ``bisenet_small``) with its own default kwargs."""
     c.data.name = name
     c.data.image_size = 32
     c.data.n_train = 256
     c.data.n_val = 96
-    c.model.name = "unet"
-    c.model.kwargs = {"widths": (16, 32, 64), "norm": "batch"}
+    if model == ARGS["model"]:
+        c.model.name = "unet"
+        c.model.kwargs = {"widths": (16, 32, 64), "norm": "batch"}
+    else:
+        c.model.name = model
+        c.model.kwargs = {}
     c.batch_size = 16
     c.eval_batch_size = 32
     c.augment.flip = True

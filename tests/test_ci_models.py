@@ -19,8 +19,7 @@ from configs import voc_ci
 )
 def test_model_runs_a_protocol(model, method, tmp_path):
     cfg = voc_ci.get_config(f"tiny,task=3-1,method={method},model={model},epochs=1")
-    cfg.model.name = model
-    cfg.model.kwargs = {}
+    assert cfg.model.name == model
     cfg.progress = False
     cfg.log.tensorboard = False
     results = train.run(cfg, str(tmp_path))
