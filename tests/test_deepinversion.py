@@ -84,7 +84,9 @@ def first_run(teacher):
     fn, tvars = teacher
     key = jax.random.key(0)
     with CompileCounter() as counter:
-        images, info = di.synthesize(fn, tvars, TARGETS, key, CFG, image_shape=(SIZE, SIZE, 3))
+        images, info = di.synthesize(
+            fn, tvars, TARGETS, key, CFG, image_shape=(SIZE, SIZE, 3), loop="scan"
+        )
         jax.block_until_ready(images)
     return images, info, counter.count
 
@@ -239,9 +241,34 @@ def test_whole_loop_is_one_compiled_program(teacher, first_run):
     cfg = CFG._replace(lr=0.2, tv_l2=1e-3, bn_scale=0.1, first_bn_multiplier=5.0)
     targets, key = (TARGETS + 1) % K, jax.random.key(5)
     with CompileCounter() as counter:
-        out = di.synthesize(fn, tvars, targets, key, cfg, image_shape=(SIZE, SIZE, 3))
+        out = di.synthesize(fn, tvars, targets, key, cfg, image_shape=(SIZE, SIZE, 3), loop="scan")
         jax.block_until_ready(out)
     assert counter.count == 0
+
+
+def test_host_loop_equals_the_scan_and_compiles_once(teacher, first_run):
+    images, info, _ = first_run
+    fn, tvars = teacher
+    args = (fn, tvars, TARGETS, jax.random.key(0), CFG)
+    host, host_info = di.synthesize(*args, image_shape=(SIZE, SIZE, 3), loop="host")
+    np.testing.assert_allclose(host, images, atol=1e-3)
+    for k in ("main", "bn", "lr"):
+        np.testing.assert_allclose(host_info[k], info[k], rtol=1e-3, atol=1e-5)
+    # The iteration is one program for every i: another run compiles nothing.
+    with CompileCounter() as counter:
+        out = di.synthesize(
+            fn,
+            tvars,
+            TARGETS,
+            jax.random.key(3),
+            CFG._replace(lr=0.2),
+            image_shape=(SIZE, SIZE, 3),
+            loop="host",
+        )
+        jax.block_until_ready(out)
+    assert counter.count == 0
+    with pytest.raises(ValueError, match="loop must be"):
+        di.synthesize(*args, image_shape=(SIZE, SIZE, 3), loop="python")
 
 
 def test_synthesis_lowers_the_teachers_loss_and_the_statistics_gap(first_run):
@@ -259,32 +286,46 @@ def test_synthesis_lowers_the_teachers_loss_and_the_statistics_gap(first_run):
     np.testing.assert_allclose(info["lr"][3], 0.1, rtol=1e-6)
 
 
-def test_vmapped_syntheses_equal_one_by_one_runs(teacher, first_run):
+@pytest.mark.parametrize("loop", ["scan", "host"])
+def test_vmapped_syntheses_equal_one_by_one_runs(teacher, first_run, loop):
     fn, tvars = teacher
     keys = jax.random.split(jax.random.key(7), 2)
     targets = jnp.stack([TARGETS, (TARGETS + 1) % K])
-    images, info = di.synthesize_many(fn, tvars, targets, keys, CFG, image_shape=(SIZE, SIZE, 3))
+    images, info = di.synthesize_many(
+        fn, tvars, targets, keys, CFG, image_shape=(SIZE, SIZE, 3), loop=loop
+    )
     assert images.shape == (2, 16, SIZE, SIZE, 3) and info["main"].shape == (2, CFG.iterations)
+    assert info["final_main"].shape == (2,)
     for g in range(2):
         one, one_info = di.synthesize(
-            fn, tvars, targets[g], keys[g], CFG, image_shape=(SIZE, SIZE, 3)
+            fn, tvars, targets[g], keys[g], CFG, image_shape=(SIZE, SIZE, 3), loop=loop
         )
         np.testing.assert_allclose(images[g], one, atol=1e-4)
         np.testing.assert_allclose(info["main"][g], one_info["main"], rtol=1e-4, atol=1e-5)
     assert not np.allclose(images[0], images[1])
 
 
-def test_vmapped_syntheses_over_stacked_teachers(teacher, first_run):
+@pytest.mark.parametrize("loop", ["scan", "host"])
+def test_vmapped_syntheses_over_stacked_teachers(teacher, first_run, loop):
     fn, tvars = teacher
     other = tiny_teacher(1)[1:]
     stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), tvars, other)
     keys = jax.random.split(jax.random.key(8), 2)
     targets = jnp.stack([TARGETS, TARGETS])
     images, _ = di.synthesize_many(
-        fn, stacked, targets, keys, CFG, image_shape=(SIZE, SIZE, 3), stacked_teacher=True
+        fn,
+        stacked,
+        targets,
+        keys,
+        CFG,
+        image_shape=(SIZE, SIZE, 3),
+        stacked_teacher=True,
+        loop=loop,
     )
     for g, tv in enumerate((tvars, other)):
-        one, _ = di.synthesize(fn, tv, targets[g], keys[g], CFG, image_shape=(SIZE, SIZE, 3))
+        one, _ = di.synthesize(
+            fn, tv, targets[g], keys[g], CFG, image_shape=(SIZE, SIZE, 3), loop=loop
+        )
         np.testing.assert_allclose(images[g], one, atol=1e-4)
 
 
@@ -362,3 +403,66 @@ def test_to_uint8_inverts_the_forward_mapping():
     u = np.arange(256, dtype=np.uint8)
     x = jnp.asarray(u, jnp.float32) / 127.5 - 1.0
     np.testing.assert_array_equal(np.asarray(di.to_uint8(x)), u)
+
+
+# ----------------------------------------------------------------------------- ABD's loss
+
+
+def _np_log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_abd_terms_match_numpy():
+    from clseg_jax.strategies import deepinversion as strat
+
+    rng = np.random.default_rng(0)
+    b, c, k, num_real = 7, 5, 6, 4
+    seen = np.array([1, 1, 1, 1, 1, 0], bool)
+    old = np.array([1, 1, 1, 0, 0, 0], bool)  # new classes: 3 and 4
+    labels = np.array([3, 4, 255, 3, 0, 2, 1])  # rows 0-3 real (one unlabelled), 4-6 synthetic
+    logits = rng.normal(size=(b, k)).astype(np.float32)
+    pen, old_pen = (rng.normal(size=(b, c)).astype(np.float32) for _ in range(2))
+    head = {"kernel": rng.normal(size=(c, k)).astype(np.float32), "bias": rng.normal(size=k)}
+    old_kernel = rng.normal(size=(c, k)).astype(np.float32)
+
+    got = strat.abd_terms(
+        jnp.asarray(logits),
+        jnp.asarray(pen),
+        jnp.asarray(old_pen),
+        jnp.asarray(labels),
+        jax.tree.map(jnp.asarray, head),
+        jnp.asarray(old_kernel),
+        jnp.asarray(seen),
+        jnp.asarray(old),
+        num_real,
+    )
+    r = 3 / 5
+    w = {0: r, 1: r, 2: r, 3: 1 - r, 4: 1 - r}
+    # Local CE: real rows over classes {3, 4}; the mean is over the 3 labelled real rows.
+    lp = _np_log_softmax(logits[:num_real][:, [3, 4]])
+    local = sum(w[y] * -lp[i, [3, 4].index(y)] for i, y in enumerate(labels[:4]) if y != 255) / 3
+    # Head CE: every labelled row over the 5 seen classes, logits from the features.
+    hl = (pen @ head["kernel"] + head["bias"])[:, :5]
+    lp = _np_log_softmax(hl)
+    head_ce = sum(w[y] * -lp[i, y] for i, y in enumerate(labels) if y != 255) / 6
+    change = (pen - old_pen) @ old_kernel[:, :3]
+    kd = np.mean(np.sum(change**2, axis=1)) / 3
+    np.testing.assert_allclose(float(got["local"]), local, rtol=1e-5)
+    np.testing.assert_allclose(float(got["head"]), head_ce, rtol=1e-5)
+    np.testing.assert_allclose(float(got["kd"]), kd, rtol=1e-5)
+    # The head CE trains the head alone: no gradient reaches the features.
+    g = jax.grad(
+        lambda p: strat.abd_terms(
+            jnp.asarray(logits),
+            p,
+            jnp.asarray(old_pen),
+            jnp.asarray(labels),
+            jax.tree.map(jnp.asarray, head),
+            jnp.asarray(old_kernel),
+            jnp.asarray(seen),
+            jnp.asarray(old),
+            num_real,
+        )["head"]
+    )(jnp.asarray(pen))
+    assert float(jnp.abs(g).max()) == 0.0

@@ -201,7 +201,7 @@ def capture_moments(model: nnx.Module) -> nnx.Module:
     """Flags every BatchNorm of ``model`` (a freshly merged copy, used for one call) to record
     its input moments; read them with ``captured_moments`` after the call."""
     log = _MomentLog()
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         if isinstance(module, nnx.BatchNorm):
             setattr(module, CAPTURE, log)
     return model
@@ -210,7 +210,7 @@ def capture_moments(model: nnx.Module) -> nnx.Module:
 def captured_moments(model: nnx.Module) -> list[tuple[jax.Array, ...]]:
     """``(mean [C], var [C], running_mean [C], running_var [C])`` per BatchNorm call of the flagged
     ``model``'s last call, in call order (the stem's BN first)."""
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         log = getattr(module, CAPTURE, None)
         if isinstance(log, _MomentLog):
             return list(log.entries)

@@ -41,7 +41,8 @@ stage's output and ``penultimate`` its global average, the head's input. Paramet
 ``backbone`` sub-tree (``weights.load(..., into="backbone")``).
 
 ``head="cosine"`` swaps the linear head for ``cosine.CosineLinear`` (``logits = sigma * cos(w_k,
-f)``; parameters ``head/{kernel,sigma}``, no bias), the classifier of LUCIR and CCSI.
+f)``; parameters ``head/{kernel,sigma}``, no bias; ``sigma`` starts at ``sigma_init``, 1 as in
+LUCIR and CCSI), the classifier of LUCIR and CCSI.
 """
 
 from __future__ import annotations
@@ -299,6 +300,7 @@ class ResNet(Backbone):
         in_channels: int = 3,
         dtype: str | None = None,
         head: str = "linear",
+        sigma_init: float = 1.0,
     ):
         if head not in HEADS:
             raise ValueError(f"unknown ResNet head {head!r}; valid: {list(HEADS)}")
@@ -315,7 +317,7 @@ class ResNet(Backbone):
         )
         c_in = self.channels[-1]
         if head == "cosine":
-            self.head = cosine.CosineLinear(c_in, num_classes, rngs=rngs)
+            self.head = cosine.CosineLinear(c_in, num_classes, sigma_init=sigma_init, rngs=rngs)
         else:
             self.head = nnx.Linear(
                 c_in,

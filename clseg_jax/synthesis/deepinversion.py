@@ -297,6 +297,120 @@ def _split_config(cfg: DIConfig, use_adi: bool, image_shape) -> tuple[_Static, d
     return static, hyper
 
 
+def _loss_parts(teacher, student, hyper, static, teacher_vars, student_vars, class_mask, x, labels):
+    """The objective on one (jittered) batch: ``(total, parts)``."""
+
+    def masked(logits):
+        return logits if class_mask is None else losses.mask_logits(logits, class_mask)
+
+    logits, moments = teacher(*teacher_vars, x)
+    logits = masked(logits)
+    main = losses.cross_entropy(logits, labels)
+    bn = bn_statistics_loss(moments, hyper["first_bn_multiplier"])
+    tv_l1, tv_l2, l2 = priors(x)
+    adi = jnp.zeros((), jnp.float32)
+    if static.use_adi:
+        student_logits, _ = student(*student_vars, x)
+        adi = adi_loss(logits, masked(student_logits), hyper["adi_temperature"])
+    total = (
+        hyper["main_scale"] * main
+        + hyper["tv_l2"] * tv_l2
+        + hyper["tv_l1"] * tv_l1
+        + hyper["bn_scale"] * bn
+        + hyper["l2"] * l2
+        + hyper["adi_scale"] * adi
+    )
+    parts = {
+        "total": total,
+        "main": main,
+        "bn": bn,
+        "tv_l1": tv_l1,
+        "tv_l2": tv_l2,
+        "l2": l2,
+        "adi": adi,
+        "accuracy": losses.pixel_accuracy(logits, labels),
+    }
+    return total, parts
+
+
+def _adam(hyper: dict) -> optax.GradientTransformation:
+    return optax.scale_by_adam(b1=hyper["b1"], b2=hyper["b2"], eps=hyper["eps"])
+
+
+def _start(static: _Static, hyper: dict, targets, key, init):
+    """The starting images, Adam's state and the loop's key."""
+    k_init, k_loop = jax.random.split(key)
+    if init is None:
+        images = hyper["init_std"] * jax.random.normal(
+            k_init, (targets.shape[0], *static.image_shape)
+        )
+    else:
+        images = jnp.asarray(init, jnp.float32)
+    return (images, _adam(hyper).init(images)), k_loop
+
+
+def _iteration(
+    teacher,
+    student,
+    static,
+    hyper,
+    teacher_vars,
+    student_vars,
+    targets,
+    class_mask,
+    k_loop,
+    carry,
+    i,
+):
+    """Iteration ``i``: jitter, loss, Adam step, schedule, clip. ``(carry, parts)``."""
+    images, opt_state = carry
+    dy, dx, flipped = draw_jitter(jax.random.fold_in(k_loop, i), static.jitter, static.flip)
+    labels = apply_jitter(targets, dy, dx, flipped) if targets.ndim == 3 else targets
+
+    def objective(images):
+        return _loss_parts(
+            teacher,
+            student,
+            hyper,
+            static,
+            teacher_vars,
+            student_vars,
+            class_mask,
+            apply_jitter(images, dy, dx, flipped),
+            labels,
+        )
+
+    (_, parts), grad = jax.value_and_grad(objective, has_aux=True)(images)
+    direction, opt_state = _adam(hyper).update(grad, opt_state)
+    lr = learning_rate(
+        i, hyper["lr"], static.warmup_iterations, static.iterations, hyper["cosine_factor"]
+    )
+    images = images - lr * direction
+    if static.clip is not None:
+        images = jnp.clip(images, *static.clip)
+    return (images, opt_state), {**parts, "lr": lr}
+
+
+def _finish(
+    teacher,
+    student,
+    static,
+    hyper,
+    teacher_vars,
+    student_vars,
+    targets,
+    class_mask,
+    images,
+    history,
+):
+    """The result as the teacher sees it, without jitter: what a replay batch will contain."""
+    _, final = _loss_parts(
+        teacher, student, hyper, static, teacher_vars, student_vars, class_mask, images, targets
+    )
+    info = {**history, **{f"final_{k}": final[k] for k in ("main", "bn", "accuracy")}}
+    return images, info
+
+
 def _core(
     teacher: TeacherFn,
     student: TeacherFn | None,
@@ -310,76 +424,114 @@ def _core(
     class_mask: jax.Array | None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One synthesis (traced): ``images [N,*image_shape]`` and the info dict."""
-    n = targets.shape[0]
-    dense = targets.ndim == 3
-    k_init, k_loop = jax.random.split(key)
-    if init is None:
-        images = hyper["init_std"] * jax.random.normal(k_init, (n, *static.image_shape))
-    else:
-        images = jnp.asarray(init, jnp.float32)
-
-    def masked(logits):
-        return logits if class_mask is None else losses.mask_logits(logits, class_mask)
-
-    def loss_parts(x, labels):
-        logits, moments = teacher(*teacher_vars, x)
-        logits = masked(logits)
-        main = losses.cross_entropy(logits, labels)
-        bn = bn_statistics_loss(moments, hyper["first_bn_multiplier"])
-        tv_l1, tv_l2, l2 = priors(x)
-        adi = jnp.zeros((), jnp.float32)
-        if static.use_adi:
-            student_logits, _ = student(*student_vars, x)
-            adi = adi_loss(logits, masked(student_logits), hyper["adi_temperature"])
-        total = (
-            hyper["main_scale"] * main
-            + hyper["tv_l2"] * tv_l2
-            + hyper["tv_l1"] * tv_l1
-            + hyper["bn_scale"] * bn
-            + hyper["l2"] * l2
-            + hyper["adi_scale"] * adi
-        )
-        parts = {
-            "total": total,
-            "main": main,
-            "bn": bn,
-            "tv_l1": tv_l1,
-            "tv_l2": tv_l2,
-            "l2": l2,
-            "adi": adi,
-            "accuracy": losses.pixel_accuracy(logits, labels),
-        }
-        return total, parts
-
-    adam = optax.scale_by_adam(b1=hyper["b1"], b2=hyper["b2"], eps=hyper["eps"])
-
-    def step(carry, i):
-        images, opt_state = carry
-        dy, dx, flipped = draw_jitter(jax.random.fold_in(k_loop, i), static.jitter, static.flip)
-        labels = apply_jitter(targets, dy, dx, flipped) if dense else targets
-
-        def objective(images):
-            return loss_parts(apply_jitter(images, dy, dx, flipped), labels)
-
-        (_, parts), grad = jax.value_and_grad(objective, has_aux=True)(images)
-        direction, opt_state = adam.update(grad, opt_state)
-        lr = learning_rate(
-            i, hyper["lr"], static.warmup_iterations, static.iterations, hyper["cosine_factor"]
-        )
-        images = images - lr * direction
-        if static.clip is not None:
-            images = jnp.clip(images, *static.clip)
-        return (images, opt_state), {**parts, "lr": lr}
-
+    carry, k_loop = _start(static, hyper, targets, key, init)
+    fixed = (teacher, student, static, hyper, teacher_vars, student_vars, targets, class_mask)
     steps = jnp.arange(static.iterations, dtype=jnp.int32)
-    (images, _), history = jax.lax.scan(step, (images, adam.init(images)), steps)
-    # The result as the teacher sees it, without jitter: what a replay batch will contain.
-    _, final = loss_parts(images, targets)
-    info = {**history, **{f"final_{k}": final[k] for k in ("main", "bn", "accuracy")}}
-    return images, info
+    (images, _), history = jax.lax.scan(functools.partial(_iteration, *fixed, k_loop), carry, steps)
+    return _finish(*fixed, images, history)
 
 
-_run = jax.jit(_core, static_argnames=("teacher", "student", "static"))
+_STATIC_FNS = ("teacher", "student", "static")
+_host_start = jax.jit(_start, static_argnames=("static",))
+_host_iteration = jax.jit(_iteration, static_argnums=(0, 1, 2), donate_argnums=(9,))
+_host_finish = jax.jit(_finish, static_argnums=(0, 1, 2))
+
+
+@functools.partial(jax.jit, static_argnames=("static",))
+def _many_start(static, hyper, targets, keys, init):
+    one = lambda t, k, x: _start(static, hyper, t, k, x)
+    return jax.vmap(one, in_axes=(0, 0, None if init is None else 0))(targets, keys, init)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("teacher", "student", "static", "stacked_teacher"),
+    donate_argnames=("carry",),
+)
+def _many_iteration(
+    teacher,
+    student,
+    static,
+    hyper,
+    teacher_vars,
+    student_vars,
+    targets,
+    class_mask,
+    k_loops,
+    carry,
+    i,
+    stacked_teacher,
+):
+    def one(tvars, tgt, k_loop, c):
+        return _iteration(
+            teacher, student, static, hyper, tvars, student_vars, tgt, class_mask, k_loop, c, i
+        )
+
+    axes = (0 if stacked_teacher else None, 0, 0, 0)
+    return jax.vmap(one, in_axes=axes)(teacher_vars, targets, k_loops, carry)
+
+
+@functools.partial(jax.jit, static_argnames=("teacher", "student", "static", "stacked_teacher"))
+def _many_finish(
+    teacher,
+    student,
+    static,
+    hyper,
+    teacher_vars,
+    student_vars,
+    targets,
+    class_mask,
+    images,
+    history,
+    stacked_teacher,
+):
+    def one(tvars, tgt, x, h):
+        return _finish(teacher, student, static, hyper, tvars, student_vars, tgt, class_mask, x, h)
+
+    axes = (0 if stacked_teacher else None, 0, 0, 0)
+    return jax.vmap(one, in_axes=axes)(teacher_vars, targets, images, history)
+
+
+def _run_host(
+    teacher,
+    student,
+    static,
+    hyper,
+    teacher_vars,
+    student_vars,
+    targets,
+    key,
+    init,
+    class_mask,
+    stacked_teacher=None,
+):
+    """``_core``'s loop dispatched from Python, one compiled iteration at a time (with
+    ``stacked_teacher`` not None: ``_run_many``'s, every iteration ``vmap``ped over groups).
+
+    XLA:CPU runs convolutions inside a while loop (a scan) far slower than at a program's top
+    level (2.7x on W4, BENCHMARKS.md; 3x on the split-digits ResNet), so on CPU this is the
+    faster path; the arithmetic is the same. Nothing leaves the device inside the loop: the
+    per-iteration parts stay device arrays until they are stacked."""
+    many = stacked_teacher is not None
+    fixed = (teacher, student, static, hyper, teacher_vars, student_vars, targets, class_mask)
+    if many:
+        carry, k_loop = _many_start(static, hyper, targets, key, init)
+        iteration = functools.partial(_many_iteration, stacked_teacher=stacked_teacher)
+    else:
+        carry, k_loop = _host_start(static, hyper, targets, key, init)
+        iteration = _host_iteration
+    history = []
+    for i in range(static.iterations):
+        carry, parts = iteration(*fixed, k_loop, carry, jnp.int32(i))
+        history.append(parts)
+    # Iterations on the last axis: [T] alone, [G,T] over groups, as the scan returns them.
+    stacked = {k: jnp.stack([h[k] for h in history], axis=-1) for k in history[0]}
+    if many:
+        return _many_finish(*fixed, carry[0], stacked, stacked_teacher=stacked_teacher)
+    return _host_finish(*fixed, carry[0], stacked)
+
+
+_run = jax.jit(_core, static_argnames=_STATIC_FNS)
 
 
 @functools.partial(jax.jit, static_argnames=("teacher", "student", "static", "stacked_teacher"))
@@ -423,6 +575,14 @@ def _prepare(cfg, targets, init, student, student_vars, image_shape, lead: int):
     return static, hyper, targets
 
 
+def _loop(loop: str) -> str:
+    if loop not in ("auto", "scan", "host"):
+        raise ValueError(f"loop must be 'auto', 'scan' or 'host', got {loop!r}")
+    if loop == "auto":
+        return "host" if jax.default_backend() == "cpu" else "scan"
+    return loop
+
+
 def synthesize(
     teacher: TeacherFn,
     teacher_vars: tuple[PyTree, PyTree],
@@ -435,6 +595,7 @@ def synthesize(
     student_vars: tuple[PyTree, PyTree] | None = None,
     image_shape: tuple[int, int, int] = (32, 32, 3),
     class_mask: jax.Array | None = None,
+    loop: str = "auto",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Inverts ``teacher`` into a batch of images; the whole loop is one compiled program.
 
@@ -454,6 +615,9 @@ def synthesize(
       image_shape: ``(H, W, C)`` without ``init``.
       class_mask: ``bool [K]``; logits outside it are masked (a teacher sized to the stream's
         ``max_classes`` knows only its seen classes).
+      loop: "scan" (one program: ``lax.scan`` inside ``jit``), "host" (one compiled iteration
+        dispatched ``iterations`` times from Python; same arithmetic, faster on XLA:CPU) or
+        "auto" (host on the CPU backend, scan on accelerators).
 
     Returns:
       ``images float32 [N,H,W,C]`` (within ``cfg.clip``) and ``info``: per iteration ``[T]``
@@ -463,7 +627,7 @@ def synthesize(
       ``final_bn`` and ``final_accuracy``.
     """
     static, hyper, targets = _prepare(cfg, targets, init, student, student_vars, image_shape, 0)
-    return _run(
+    return (_run if _loop(loop) == "scan" else _run_host)(
         teacher,
         student if static.use_adi else None,
         static,
@@ -490,6 +654,7 @@ def synthesize_many(
     image_shape: tuple[int, int, int] = (32, 32, 3),
     class_mask: jax.Array | None = None,
     stacked_teacher: bool = False,
+    loop: str = "auto",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``G`` independent syntheses in one compiled program (``vmap`` of ``synthesize``'s loop).
 
@@ -499,9 +664,25 @@ def synthesize_many(
     ``stacked_teacher`` every leaf of ``teacher_vars`` has a leading ``G`` axis too (one teacher
     per group, same architecture). The student and ``class_mask`` are shared.
 
+    ``loop`` as ``synthesize``'s (the host loop ``vmap``s each iteration over the groups).
+
     Returns ``images [G,N,H,W,C]`` and ``info`` with a leading ``G`` axis on every entry.
     """
     static, hyper, targets = _prepare(cfg, targets, init, student, student_vars, image_shape, 1)
+    if _loop(loop) == "host":
+        return _run_host(
+            teacher,
+            student if static.use_adi else None,
+            static,
+            hyper,
+            tuple(teacher_vars),
+            tuple(student_vars) if static.use_adi else None,
+            targets,
+            keys,
+            init,
+            class_mask,
+            stacked_teacher=bool(stacked_teacher),
+        )
     return _run_many(
         teacher,
         student if static.use_adi else None,
