@@ -7,8 +7,9 @@ The workload: a ResNet-18 teacher on 32x32 inputs (``resnet.ResNet(depth=18, sma
 10 classes), 256 synthetic images per batch, Adam on the pixels with the BatchNorm-statistics
 loss, TV (L1, L2) and L2 priors, random-roll jitter and flips, clipping to [-1, 1]; every
 hyperparameter is ``clseg_jax.synthesis.deepinversion.DIConfig``'s default, handed to the PyTorch
-side unchanged. Our side is ``deepinversion.synthesize`` (the whole loop one compiled program;
-a host-loop diagnostic beside it, below); the PyTorch side is
+side unchanged. Our side is ``deepinversion.synthesize``, both of its paths (the whole loop one
+compiled program, for accelerators; one compiled iteration per step, its CPU default); the
+PyTorch side is
 ``experiments/baselines/deepinversion_torch.py`` (the reference's eager loop
 with BatchNorm forward hooks), run by the baselines venv's Python in a subprocess, one side after
 the other so they never share the cores.
@@ -38,10 +39,11 @@ seconds per iteration, and a speed-up is the median over blocks of the same bloc
 * ``ours synthesize``: the library's ``lax.scan`` loop, one program, compiled ahead of time; per
   iteration ``(t(k) - t(0)) / k`` from one call of ``k = --block-iters`` iterations and one of 0
   iterations (the call's fixed cost: the random start and the final un-jittered forward).
-* ``ours host_loop``, a diagnostic: the same iteration as one jitted step dispatched from Python
-  (the same images for the same key, see the check). The two differ on XLA:CPU, which runs
-  convolutions inside control flow (the scan's while loop) far slower than at a program's top
-  level (``clseg_jax/strategies/gem.py`` measured it for ``lax.cond``).
+* ``ours host_loop``: ``synthesize(..., loop="host")``, the default on CPU: the library's jitted
+  iteration dispatched from Python (the same images for the same key, see the check). The two
+  differ on XLA:CPU, which runs convolutions inside control flow (the scan's while loop) far
+  slower than at a program's top level (``clseg_jax/strategies/gem.py`` measured it for
+  ``lax.cond``).
 * ``torch nchw``: the reference's loop and layout with the teacher frozen (only the pixels'
   gradient, as ours); ``torch channels_last`` (PyTorch's fastest CPU layout in W1);
   ``torch reference_grads``: as the reference is written, the teacher's parameters trainable, so
@@ -87,13 +89,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from clseg_jax import losses, models  # noqa: E402
+from clseg_jax import models  # noqa: E402
 from clseg_jax.models import layers, weights  # noqa: E402
 from clseg_jax.synthesis import deepinversion  # noqa: E402
 
@@ -186,62 +187,30 @@ def compile_synthesize(graphdef, params, stats, cfg, targets, key, shape):
     teacher = deepinversion.make_teacher_fn(graphdef)
 
     def run(tvars, targets, key):
-        return deepinversion.synthesize(teacher, tvars, targets, key, cfg, image_shape=shape)
+        return deepinversion.synthesize(
+            teacher, tvars, targets, key, cfg, image_shape=shape, loop="scan"
+        )
 
     t0 = time.perf_counter()
     compiled = jax.jit(run).lower((params, stats), targets, key).compile()
     return compiled, time.perf_counter() - t0
 
 
-def make_step(graphdef, cfg):
-    """One iteration of ``synthesize``'s loop as its own jitted function (the host-loop
-    diagnostic): the same jitter draw (``fold_in(k_loop, i)``), loss, Adam update, schedule and
-    clipping as ``deepinversion._core``'s scan body, written from the module's public pieces.
-    ``step(images, opt_state, i, k_loop, tvars, targets) -> (images, opt_state, total)``."""
+def make_step(graphdef, cfg, shape):
+    """The library's CPU path (``synthesize(..., loop="host")``) one iteration at a time:
+    ``step(carry, i, tvars, targets, k_loop) -> (carry, parts)`` is ``deepinversion``'s own
+    jitted iteration, ``start(key, targets) -> (carry, k_loop)`` its start."""
     teacher = deepinversion.make_teacher_fn(graphdef)
-    adam = optax.scale_by_adam(b1=cfg.betas[0], b2=cfg.betas[1], eps=cfg.eps)
+    static, hyper = deepinversion._split_config(cfg, False, shape)
 
-    def step(images, opt_state, i, k_loop, tvars, targets):
-        dy, dx, flipped = deepinversion.draw_jitter(
-            jax.random.fold_in(k_loop, i), cfg.jitter, cfg.flip
-        )
+    def step(carry, i, tvars, targets, k_loop):
+        fixed = (teacher, None, static, hyper, tvars, None, targets, None)
+        return deepinversion._host_iteration(*fixed, k_loop, carry, i)
 
-        def objective(images):
-            x = deepinversion.apply_jitter(images, dy, dx, flipped)
-            logits, moments = teacher(*tvars, x)
-            tv_l1, tv_l2, l2 = deepinversion.priors(x)
-            return (
-                cfg.main_scale * losses.cross_entropy(logits, targets)
-                + cfg.tv_l2 * tv_l2
-                + cfg.tv_l1 * tv_l1
-                + cfg.bn_scale * deepinversion.bn_statistics_loss(moments, cfg.first_bn_multiplier)
-                + cfg.l2 * l2
-            )
+    def start(key, targets):
+        return deepinversion._host_start(static, hyper, targets, key, None)
 
-        total, grad = jax.value_and_grad(objective)(images)
-        direction, opt_state = adam.update(grad, opt_state)
-        lr = deepinversion.learning_rate(
-            i, cfg.lr, cfg.warmup_iterations, cfg.iterations, cfg.cosine_factor
-        )
-        images = images - lr * direction
-        if cfg.clip is not None:
-            images = jnp.clip(images, *cfg.clip)
-        return images, opt_state, total
-
-    def start(key, shape, batch):
-        k_init, k_loop = jax.random.split(key)
-        images = cfg.init_std * jax.random.normal(k_init, (batch, *shape))
-        return images, adam.init(images), k_loop
-
-    return jax.jit(step, donate_argnums=(0, 1)), start
-
-
-def host_loop(step, start, tvars, targets, key, cfg, shape) -> jax.Array:
-    """``cfg.iterations`` calls of ``step`` from Python; the final images."""
-    images, opt_state, k_loop = start(key, shape, targets.shape[0])
-    for i in range(cfg.iterations):
-        images, opt_state, _ = step(images, opt_state, jnp.int32(i), k_loop, tvars, targets)
-    return images
+    return step, start
 
 
 def compile_jax(graphdef, params, stats, cfg, args) -> dict:
@@ -255,12 +224,13 @@ def compile_jax(graphdef, params, stats, cfg, args) -> dict:
         c = cfg._replace(iterations=iterations)
         out[name] = compile_synthesize(graphdef, params, stats, c, targets, key, shape)
     if args.host_loop:
-        step, start = make_step(graphdef, cfg)
-        images, opt_state, k_loop = start(key, shape, args.batch)
+        step, start = make_step(graphdef, cfg, shape)
+        carry, k_loop = start(key, targets)
         t0 = time.perf_counter()
-        lowered = step.lower(images, opt_state, jnp.int32(0), k_loop, (params, stats), targets)
-        out["host_loop"] = (lowered.compile(), time.perf_counter() - t0)
-        out["host_state"] = [images, opt_state, k_loop, 0]
+        carry, _ = step(carry, jnp.int32(0), (params, stats), targets, k_loop)
+        jax.block_until_ready(carry)
+        out["host_loop"] = (step, time.perf_counter() - t0)
+        out["host_state"] = [carry, k_loop, 1]
     return out
 
 
@@ -281,17 +251,15 @@ def jax_block(path: str, compiled: dict, params, stats, cfg, args, block: int) -
         return [(seconds[0] - seconds[1]) / k] * k
     step = compiled["host_loop"][0]
     state = compiled["host_state"]
-    images, opt_state, k_loop, i = state
+    carry, k_loop, i = state
     times = []
     for _ in range(k):
         t0 = time.perf_counter()
-        images, opt_state, total = step(
-            images, opt_state, jnp.int32(i), k_loop, (params, stats), targets
-        )
-        jax.block_until_ready((images, total))
+        carry, parts = step(carry, jnp.int32(i), (params, stats), targets, k_loop)
+        jax.block_until_ready((carry, parts["total"]))
         times.append(time.perf_counter() - t0)
         i += 1
-    state[:] = [images, opt_state, k_loop, i]
+    state[:] = [carry, k_loop, i]
     return times
 
 
@@ -387,11 +355,12 @@ def check(graphdef, params, stats, cfg, args, workdir: str, teacher_path: str) -
     # Our two paths (synthesize's scan, the host loop) agree, with jitter and flips on.
     jcfg = cfg._replace(iterations=args.check_iters)
     key, shape = jax.random.key(args.seed + 2), (size, size, 3)
-    scan_images, _ = deepinversion.synthesize(
-        teacher, (params, stats), jnp.asarray(targets), key, jcfg, image_shape=shape
+    scan_images, loop_images = (
+        deepinversion.synthesize(
+            teacher, (params, stats), jnp.asarray(targets), key, jcfg, image_shape=shape, loop=lp
+        )[0]
+        for lp in ("scan", "host")
     )
-    step, start = make_step(graphdef, jcfg)
-    loop_images = host_loop(step, start, (params, stats), jnp.asarray(targets), key, jcfg, shape)
     paths = np.abs(np.asarray(scan_images) - np.asarray(loop_images))
 
     out = {

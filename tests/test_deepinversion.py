@@ -466,3 +466,53 @@ def test_abd_terms_match_numpy():
         )["head"]
     )(jnp.asarray(pen))
     assert float(jnp.abs(g).max()) == 0.0
+
+
+def test_strategy_memory_holds_only_inverted_images_of_the_seen_classes():
+    import ml_collections
+
+    from clseg_jax import data, models, tasks
+    from clseg_jax import step as step_lib
+    from clseg_jax import train as train_lib
+    from clseg_jax.memory import buffer
+    from clseg_jax.strategies import base
+    from clseg_jax.strategies import deepinversion as strat
+    from configs import split_digits
+
+    cfg = split_digits.get_config()
+    cfg.data.classes_per_step = (4, 3, 3)
+    cfg.data.train_per_exp, cfg.data.test_per_exp = 16, 8
+    cfg.model.kwargs = {"small_input": True, "widths": (4, 4, 8, 8)}
+    stream = data.make(cfg.data)
+    graphdef, params, stats = models.init(cfg.model, stream.num_classes, seed=0)
+    shape = stream.experiences[0].train[0]["image"].shape
+    env = base.Env(
+        step_lib.make_forward(graphdef),
+        stream.num_classes,
+        len(stream.experiences),
+        image_shape=shape,
+        label_shape=(),
+        task=tasks.CLASSIFICATION,
+        graphdef=graphdef,
+    )
+    s_cfg = ml_collections.ConfigDict(
+        {**strat.DEFAULTS, "di_mem_size": 12, "di_replay_batch": 4, "di_iterations": 3}
+    )
+    strategy = strat.make(s_cfg, env)
+    assert strategy.replaces_task_loss  # classification: ABD's loss
+    sstate = strategy.init(params, stats)
+    real = []
+    for phase in train_lib._phases(stream, ((0,), (1,), (2,))):
+        real += [np.asarray(b["image"]) for b in phase.batches(64)]
+        sstate = strategy.after_phase(params, stats, sstate, phase)
+        mem = buffer.to_host(sstate.memory)
+        assert mem["valid"].all() and mem["image"].shape == (12, *shape)
+        assert set(mem["label"].tolist()) == set(phase.seen_classes)
+    flat = np.concatenate(real).reshape(-1, int(np.prod(shape)))
+    stored = mem["image"].reshape(12, -1)
+    assert not any(np.any(np.all(flat == row, axis=1)) for row in stored)
+    with pytest.raises(ValueError, match="di_loss must be"):
+        strat.make(ml_collections.ConfigDict({**s_cfg, "di_loss": "mix"}), env)
+    cosine_head = {"head": {"kernel": params["head"]["kernel"], "sigma": jnp.ones(())}}
+    with pytest.raises(ValueError, match="needs a linear head"):
+        strategy.init(cosine_head, stats)
