@@ -199,16 +199,21 @@ def compile_synthesize(graphdef, params, stats, cfg, targets, key, shape):
 def make_step(graphdef, cfg, shape):
     """The library's CPU path (``synthesize(..., loop="host")``) one iteration at a time:
     ``step(carry, i, tvars, targets, k_loop) -> (carry, parts)`` is ``deepinversion``'s own
-    jitted iteration, ``start(key, targets) -> (carry, k_loop)`` its start."""
+    jitted iteration, ``start(key, targets, tvars) -> (carry, k_loop)`` its start."""
     teacher = deepinversion.make_teacher_fn(graphdef)
-    static, hyper = deepinversion._split_config(cfg, False, shape)
+
+    def problem(tvars, targets):
+        return deepinversion._prepare(
+            teacher, tvars, cfg, targets, None, None, None, shape, None, 0
+        )
 
     def step(carry, i, tvars, targets, k_loop):
-        fixed = (teacher, None, static, hyper, tvars, None, targets, None)
-        return deepinversion._host_iteration(*fixed, k_loop, carry, i)
+        fns, ctx = problem(tvars, targets)
+        return deepinversion._host_iteration(fns, ctx, k_loop, carry, i, None)
 
-    def start(key, targets):
-        return deepinversion._host_start(static, hyper, targets, key, None)
+    def start(key, targets, tvars):
+        fns, ctx = problem(tvars, targets)
+        return deepinversion._host_start(fns.static, ctx["hyper"], targets, key, None, False)
 
     return step, start
 
@@ -225,7 +230,7 @@ def compile_jax(graphdef, params, stats, cfg, args) -> dict:
         out[name] = compile_synthesize(graphdef, params, stats, c, targets, key, shape)
     if args.host_loop:
         step, start = make_step(graphdef, cfg, shape)
-        carry, k_loop = start(key, targets)
+        carry, k_loop = start(key, targets, (params, stats))
         t0 = time.perf_counter()
         carry, _ = step(carry, jnp.int32(0), (params, stats), targets, k_loop)
         jax.block_until_ready(carry)

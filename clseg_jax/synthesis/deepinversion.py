@@ -297,20 +297,32 @@ def _split_config(cfg: DIConfig, use_adi: bool, image_shape) -> tuple[_Static, d
     return static, hyper
 
 
-def _loss_parts(teacher, student, hyper, static, teacher_vars, student_vars, class_mask, x, labels):
+class _Fns(NamedTuple):
+    """The static half of a synthesis (hashable: a jit static argument)."""
+
+    teacher: TeacherFn
+    student: TeacherFn | None
+    static: _Static
+
+
+# The traced half, ``ctx``: {"hyper", "teacher_vars", "student_vars", "targets", "class_mask"}.
+
+
+def _loss_parts(fns: _Fns, ctx: dict, x: jax.Array, labels: jax.Array):
     """The objective on one (jittered) batch: ``(total, parts)``."""
+    hyper, class_mask = ctx["hyper"], ctx["class_mask"]
 
     def masked(logits):
         return logits if class_mask is None else losses.mask_logits(logits, class_mask)
 
-    logits, moments = teacher(*teacher_vars, x)
+    logits, moments = fns.teacher(*ctx["teacher_vars"], x)
     logits = masked(logits)
     main = losses.cross_entropy(logits, labels)
     bn = bn_statistics_loss(moments, hyper["first_bn_multiplier"])
     tv_l1, tv_l2, l2 = priors(x)
     adi = jnp.zeros((), jnp.float32)
-    if static.use_adi:
-        student_logits, _ = student(*student_vars, x)
+    if fns.static.use_adi:
+        student_logits, _ = fns.student(*ctx["student_vars"], x)
         adi = adi_loss(logits, masked(student_logits), hyper["adi_temperature"])
     total = (
         hyper["main_scale"] * main
@@ -349,36 +361,15 @@ def _start(static: _Static, hyper: dict, targets, key, init):
     return (images, _adam(hyper).init(images)), k_loop
 
 
-def _iteration(
-    teacher,
-    student,
-    static,
-    hyper,
-    teacher_vars,
-    student_vars,
-    targets,
-    class_mask,
-    k_loop,
-    carry,
-    i,
-):
+def _iteration(fns: _Fns, ctx: dict, k_loop, carry, i):
     """Iteration ``i``: jitter, loss, Adam step, schedule, clip. ``(carry, parts)``."""
+    static, hyper, targets = fns.static, ctx["hyper"], ctx["targets"]
     images, opt_state = carry
     dy, dx, flipped = draw_jitter(jax.random.fold_in(k_loop, i), static.jitter, static.flip)
     labels = apply_jitter(targets, dy, dx, flipped) if targets.ndim == 3 else targets
 
     def objective(images):
-        return _loss_parts(
-            teacher,
-            student,
-            hyper,
-            static,
-            teacher_vars,
-            student_vars,
-            class_mask,
-            apply_jitter(images, dy, dx, flipped),
-            labels,
-        )
+        return _loss_parts(fns, ctx, apply_jitter(images, dy, dx, flipped), labels)
 
     (_, parts), grad = jax.value_and_grad(objective, has_aux=True)(images)
     direction, opt_state = _adam(hyper).update(grad, opt_state)
@@ -391,121 +382,71 @@ def _iteration(
     return (images, opt_state), {**parts, "lr": lr}
 
 
-def _finish(
-    teacher,
-    student,
-    static,
-    hyper,
-    teacher_vars,
-    student_vars,
-    targets,
-    class_mask,
-    images,
-    history,
-):
+def _finish(fns: _Fns, ctx: dict, images, history):
     """The result as the teacher sees it, without jitter: what a replay batch will contain."""
-    _, final = _loss_parts(
-        teacher, student, hyper, static, teacher_vars, student_vars, class_mask, images, targets
-    )
+    _, final = _loss_parts(fns, ctx, images, ctx["targets"])
     info = {**history, **{f"final_{k}": final[k] for k in ("main", "bn", "accuracy")}}
     return images, info
 
 
-def _core(
-    teacher: TeacherFn,
-    student: TeacherFn | None,
-    static: _Static,
-    hyper: dict,
-    teacher_vars: tuple[PyTree, PyTree],
-    student_vars: tuple[PyTree, PyTree] | None,
-    targets: jax.Array,
-    key: jax.Array,
-    init: jax.Array | None,
-    class_mask: jax.Array | None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """One synthesis (traced): ``images [N,*image_shape]`` and the info dict."""
-    carry, k_loop = _start(static, hyper, targets, key, init)
-    fixed = (teacher, student, static, hyper, teacher_vars, student_vars, targets, class_mask)
-    steps = jnp.arange(static.iterations, dtype=jnp.int32)
-    (images, _), history = jax.lax.scan(functools.partial(_iteration, *fixed, k_loop), carry, steps)
-    return _finish(*fixed, images, history)
+def _one_program(fns: _Fns, ctx: dict, key, init):
+    """One synthesis as one program: ``images [N,*image_shape]`` and the info dict."""
+    carry, k_loop = _start(fns.static, ctx["hyper"], ctx["targets"], key, init)
+    steps = jnp.arange(fns.static.iterations, dtype=jnp.int32)
+    step = functools.partial(_iteration, fns, ctx, k_loop)
+    (images, _), history = jax.lax.scan(step, carry, steps)
+    return _finish(fns, ctx, images, history)
 
 
-_STATIC_FNS = ("teacher", "student", "static")
-_host_start = jax.jit(_start, static_argnames=("static",))
-_host_iteration = jax.jit(_iteration, static_argnums=(0, 1, 2), donate_argnums=(9,))
-_host_finish = jax.jit(_finish, static_argnums=(0, 1, 2))
+_run = jax.jit(_one_program, static_argnames=("fns",))
 
 
-@functools.partial(jax.jit, static_argnames=("static",))
-def _many_start(static, hyper, targets, keys, init):
+def _group_axes(stacked_teacher: bool) -> dict:
+    """``vmap`` axes of ``ctx`` over groups: targets always, the teacher if stacked."""
+    return {
+        "hyper": None,
+        "teacher_vars": 0 if stacked_teacher else None,
+        "student_vars": None,
+        "targets": 0,
+        "class_mask": None,
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("fns", "stacked_teacher"))
+def _run_many(fns: _Fns, ctx: dict, keys, init, stacked_teacher: bool):
+    one = lambda c, k, x: _one_program(fns, c, k, x)
+    axes = (_group_axes(stacked_teacher), 0, None if init is None else 0)
+    return jax.vmap(one, in_axes=axes)(ctx, keys, init)
+
+
+# The CPU path: the same pieces, one compiled iteration per step (``vmap``ped over groups when
+# ``stacked_teacher`` is not None).
+@functools.partial(jax.jit, static_argnames=("static", "many"))
+def _host_start(static: _Static, hyper: dict, targets, keys, init, many: bool):
     one = lambda t, k, x: _start(static, hyper, t, k, x)
+    if not many:
+        return one(targets, keys, init)
     return jax.vmap(one, in_axes=(0, 0, None if init is None else 0))(targets, keys, init)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("teacher", "student", "static", "stacked_teacher"),
-    donate_argnames=("carry",),
-)
-def _many_iteration(
-    teacher,
-    student,
-    static,
-    hyper,
-    teacher_vars,
-    student_vars,
-    targets,
-    class_mask,
-    k_loops,
-    carry,
-    i,
-    stacked_teacher,
-):
-    def one(tvars, tgt, k_loop, c):
-        return _iteration(
-            teacher, student, static, hyper, tvars, student_vars, tgt, class_mask, k_loop, c, i
-        )
-
-    axes = (0 if stacked_teacher else None, 0, 0, 0)
-    return jax.vmap(one, in_axes=axes)(teacher_vars, targets, k_loops, carry)
+@functools.partial(jax.jit, static_argnames=("fns", "stacked_teacher"), donate_argnames=("carry",))
+def _host_iteration(fns: _Fns, ctx: dict, k_loop, carry, i, stacked_teacher: bool | None):
+    one = lambda c, k, cy: _iteration(fns, c, k, cy, i)
+    if stacked_teacher is None:
+        return one(ctx, k_loop, carry)
+    return jax.vmap(one, in_axes=(_group_axes(stacked_teacher), 0, 0))(ctx, k_loop, carry)
 
 
-@functools.partial(jax.jit, static_argnames=("teacher", "student", "static", "stacked_teacher"))
-def _many_finish(
-    teacher,
-    student,
-    static,
-    hyper,
-    teacher_vars,
-    student_vars,
-    targets,
-    class_mask,
-    images,
-    history,
-    stacked_teacher,
-):
-    def one(tvars, tgt, x, h):
-        return _finish(teacher, student, static, hyper, tvars, student_vars, tgt, class_mask, x, h)
-
-    axes = (0 if stacked_teacher else None, 0, 0, 0)
-    return jax.vmap(one, in_axes=axes)(teacher_vars, targets, images, history)
+@functools.partial(jax.jit, static_argnames=("fns", "stacked_teacher"))
+def _host_finish(fns: _Fns, ctx: dict, images, history, stacked_teacher: bool | None):
+    one = lambda c, x, h: _finish(fns, c, x, h)
+    if stacked_teacher is None:
+        return one(ctx, images, history)
+    return jax.vmap(one, in_axes=(_group_axes(stacked_teacher), 0, 0))(ctx, images, history)
 
 
-def _run_host(
-    teacher,
-    student,
-    static,
-    hyper,
-    teacher_vars,
-    student_vars,
-    targets,
-    key,
-    init,
-    class_mask,
-    stacked_teacher=None,
-):
-    """``_core``'s loop dispatched from Python, one compiled iteration at a time (with
+def _run_host(fns: _Fns, ctx: dict, key, init, stacked_teacher: bool | None = None):
+    """``_run``'s loop dispatched from Python, one compiled iteration at a time (with
     ``stacked_teacher`` not None: ``_run_many``'s, every iteration ``vmap``ped over groups).
 
     XLA:CPU runs convolutions inside a while loop (a scan) far slower than at a program's top
@@ -513,52 +454,20 @@ def _run_host(
     faster path; the arithmetic is the same. Nothing leaves the device inside the loop: the
     per-iteration parts stay device arrays until they are stacked."""
     many = stacked_teacher is not None
-    fixed = (teacher, student, static, hyper, teacher_vars, student_vars, targets, class_mask)
-    if many:
-        carry, k_loop = _many_start(static, hyper, targets, key, init)
-        iteration = functools.partial(_many_iteration, stacked_teacher=stacked_teacher)
-    else:
-        carry, k_loop = _host_start(static, hyper, targets, key, init)
-        iteration = _host_iteration
+    carry, k_loop = _host_start(fns.static, ctx["hyper"], ctx["targets"], key, init, many)
     history = []
-    for i in range(static.iterations):
-        carry, parts = iteration(*fixed, k_loop, carry, jnp.int32(i))
+    for i in range(fns.static.iterations):
+        carry, parts = _host_iteration(fns, ctx, k_loop, carry, jnp.int32(i), stacked_teacher)
         history.append(parts)
     # Iterations on the last axis: [T] alone, [G,T] over groups, as the scan returns them.
     stacked = {k: jnp.stack([h[k] for h in history], axis=-1) for k in history[0]}
-    if many:
-        return _many_finish(*fixed, carry[0], stacked, stacked_teacher=stacked_teacher)
-    return _host_finish(*fixed, carry[0], stacked)
+    return _host_finish(fns, ctx, carry[0], stacked, stacked_teacher)
 
 
-_run = jax.jit(_core, static_argnames=_STATIC_FNS)
-
-
-@functools.partial(jax.jit, static_argnames=("teacher", "student", "static", "stacked_teacher"))
-def _run_many(
-    teacher,
-    student,
-    static,
-    hyper,
-    teacher_vars,
-    student_vars,
-    targets,
-    keys,
-    init,
-    class_mask,
-    stacked_teacher,
-):
-    def one(tvars, tgt, key, start):
-        return _core(
-            teacher, student, static, hyper, tvars, student_vars, tgt, key, start, class_mask
-        )
-
-    axes = (0 if stacked_teacher else None, 0, 0, None if init is None else 0)
-    return jax.vmap(one, in_axes=axes)(teacher_vars, targets, keys, init)
-
-
-def _prepare(cfg, targets, init, student, student_vars, image_shape, lead: int):
-    """Checks the arguments; the static part and the traced floats of ``cfg``."""
+def _prepare(
+    teacher, teacher_vars, cfg, targets, init, student, student_vars, image_shape, class_mask, lead
+) -> tuple[_Fns, dict]:
+    """Checks the arguments; the static half and the traced half of a synthesis."""
     targets = jnp.asarray(targets)
     if targets.ndim - lead not in (1, 3):
         raise ValueError(
@@ -572,7 +481,15 @@ def _prepare(cfg, targets, init, student, student_vars, image_shape, lead: int):
     if use_adi and (student is None or student_vars is None):
         raise ValueError("adi_scale != 0 needs a student and student_vars")
     static, hyper = _split_config(cfg, use_adi, image_shape)
-    return static, hyper, targets
+    fns = _Fns(teacher, student if use_adi else None, static)
+    ctx = {
+        "hyper": hyper,
+        "teacher_vars": tuple(teacher_vars),
+        "student_vars": tuple(student_vars) if use_adi else None,
+        "targets": targets,
+        "class_mask": class_mask,
+    }
+    return fns, ctx
 
 
 def _loop(loop: str) -> str:
@@ -626,19 +543,12 @@ def synthesize(
       argmax vs targets) and ``lr``; and on the returned images, un-jittered, ``final_main``,
       ``final_bn`` and ``final_accuracy``.
     """
-    static, hyper, targets = _prepare(cfg, targets, init, student, student_vars, image_shape, 0)
-    return (_run if _loop(loop) == "scan" else _run_host)(
-        teacher,
-        student if static.use_adi else None,
-        static,
-        hyper,
-        tuple(teacher_vars),
-        tuple(student_vars) if static.use_adi else None,
-        targets,
-        key,
-        init,
-        class_mask,
+    fns, ctx = _prepare(
+        teacher, teacher_vars, cfg, targets, init, student, student_vars, image_shape, class_mask, 0
     )
+    if _loop(loop) == "scan":
+        return _run(fns, ctx, key, init)
+    return _run_host(fns, ctx, key, init)
 
 
 def synthesize_many(
@@ -668,31 +578,9 @@ def synthesize_many(
 
     Returns ``images [G,N,H,W,C]`` and ``info`` with a leading ``G`` axis on every entry.
     """
-    static, hyper, targets = _prepare(cfg, targets, init, student, student_vars, image_shape, 1)
-    if _loop(loop) == "host":
-        return _run_host(
-            teacher,
-            student if static.use_adi else None,
-            static,
-            hyper,
-            tuple(teacher_vars),
-            tuple(student_vars) if static.use_adi else None,
-            targets,
-            keys,
-            init,
-            class_mask,
-            stacked_teacher=bool(stacked_teacher),
-        )
-    return _run_many(
-        teacher,
-        student if static.use_adi else None,
-        static,
-        hyper,
-        tuple(teacher_vars),
-        tuple(student_vars) if static.use_adi else None,
-        targets,
-        keys,
-        init,
-        class_mask,
-        stacked_teacher,
+    fns, ctx = _prepare(
+        teacher, teacher_vars, cfg, targets, init, student, student_vars, image_shape, class_mask, 1
     )
+    if _loop(loop) == "host":
+        return _run_host(fns, ctx, keys, init, stacked_teacher=bool(stacked_teacher))
+    return _run_many(fns, ctx, keys, init, bool(stacked_teacher))
