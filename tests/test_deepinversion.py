@@ -426,17 +426,20 @@ def test_abd_terms_match_numpy():
     head = {"kernel": rng.normal(size=(c, k)).astype(np.float32), "bias": rng.normal(size=k)}
     old_kernel = rng.normal(size=(c, k)).astype(np.float32)
 
-    got = strat.abd_terms(
-        jnp.asarray(logits),
-        jnp.asarray(pen),
-        jnp.asarray(old_pen),
-        jnp.asarray(labels),
-        jax.tree.map(jnp.asarray, head),
-        jnp.asarray(old_kernel),
-        jnp.asarray(seen),
-        jnp.asarray(old),
-        num_real,
-    )
+    def terms(pen):
+        return strat.abd_terms(
+            jnp.asarray(logits),
+            pen,
+            jnp.asarray(old_pen),
+            jnp.asarray(labels),
+            jax.tree.map(jnp.asarray, head),
+            jnp.asarray(old_kernel),
+            jnp.asarray(seen),
+            jnp.asarray(old),
+            num_real,
+        )
+
+    got = terms(jnp.asarray(pen))
     r = 3 / 5
     w = {0: r, 1: r, 2: r, 3: 1 - r, 4: 1 - r}
     # Local CE: real rows over classes {3, 4}; the mean is over the 3 labelled real rows.
@@ -452,19 +455,7 @@ def test_abd_terms_match_numpy():
     np.testing.assert_allclose(float(got["head"]), head_ce, rtol=1e-5)
     np.testing.assert_allclose(float(got["kd"]), kd, rtol=1e-5)
     # The head CE trains the head alone: no gradient reaches the features.
-    g = jax.grad(
-        lambda p: strat.abd_terms(
-            jnp.asarray(logits),
-            p,
-            jnp.asarray(old_pen),
-            jnp.asarray(labels),
-            jax.tree.map(jnp.asarray, head),
-            jnp.asarray(old_kernel),
-            jnp.asarray(seen),
-            jnp.asarray(old),
-            num_real,
-        )["head"]
-    )(jnp.asarray(pen))
+    g = jax.grad(lambda p: terms(p)["head"])(jnp.asarray(pen))
     assert float(jnp.abs(g).max()) == 0.0
 
 

@@ -514,7 +514,8 @@ def synthesize(
     class_mask: jax.Array | None = None,
     loop: str = "auto",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Inverts ``teacher`` into a batch of images; the whole loop is one compiled program.
+    """Inverts ``teacher`` into a batch of images: one compiled program (``loop="scan"``) or one
+    compiled iteration dispatched per step (``loop="host"``, the CPU default).
 
     Args:
       teacher: ``teacher(params, batch_stats, images) -> (logits, moments)`` (``make_teacher_fn``).
