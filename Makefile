@@ -3,10 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev
+EXTRAS ?= dev,serve,serve-test
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-slow lint bench baselines install clean
+.PHONY: demo test test-slow lint bench baselines install clean serve
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,11 @@ install: $(STAMP)
 # The default experiment: domain-incremental shapes, naive fine-tuning against joint training.
 demo: $(STAMP)
 	$(BIN)/python -m clseg_jax.main --config=configs/shapes_di.py:compare --workdir=runs/demo
+
+# The service in embedded mode (SQLite, a local folder, an in-process worker) on loopback.
+SERVE_PORT ?= 8000
+serve: $(STAMP)
+	$(BIN)/python -m clseg_jax.serve serve --port $(SERVE_PORT)
 
 # Two pytest workers (pytest-xdist), one test file each at a time so module fixtures run once:
 # most tests are dominated by XLA compilation, which is single-threaded.

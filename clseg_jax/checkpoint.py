@@ -19,6 +19,7 @@ class Checkpointer:
     """Saves/restores ``(arrays pytree, meta dict)`` pairs under ``directory``."""
 
     def __init__(self, directory: str, max_to_keep: int = 2):
+        self._directory = os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(
             os.path.abspath(directory),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
@@ -52,6 +53,10 @@ class Checkpointer:
             ),
         )
         return out["arrays"], dict(out["meta"])
+
+    def directory(self, step: int) -> str:
+        """The folder of one finished checkpoint (a copy of it restores elsewhere)."""
+        return os.path.join(self._directory, str(step))
 
     def steps(self) -> list[int]:
         return list(self._manager.all_steps())

@@ -105,6 +105,20 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class Hooks(NamedTuple):
+    """Callbacks for a caller that drives ``run`` (the service's worker); all optional.
+
+    ``on_log(info)``: at each metrics read (``phase``, ``step_in_phase``, ``steps_in_phase``,
+    ``global_step`` and the train metrics, floats). ``on_checkpoint(directory, meta)``: after each
+    complete checkpoint, with its folder. ``should_stop()``: polled once per step on the host; when
+    it says so, the run saves a checkpoint and returns ``{}`` (as on SIGTERM).
+    """
+
+    on_log: Callable[[dict], None] | None = None
+    on_checkpoint: Callable[[str, dict], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
 def array_shardings(arrays: dict, mesh, rules=()) -> dict:
     """Shardings of the run's arrays: params (and their optimizer moments) by the config's rules,
     everything else replicated."""
@@ -151,16 +165,21 @@ def validate_names(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"unknown model {config.model.name!r}; valid: {sorted(models.MODELS)}")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks | None = None) -> dict:
     """Trains ``config.strategy`` on ``config.data``'s stream; writes results under ``workdir``.
 
     Re-running on the same workdir resumes from the latest checkpoint (and, if the stream is
     finished, just rewrites the results). Returns the results dict (also ``results.json``).
+
+    The stream may have grown since the checkpoint was written (more experiences, as in the
+    service's lineages): the run resumes at the first untrained phase. For the strategy state to
+    keep its shapes, set ``config.max_experiences`` to a fixed upper bound on the stream length;
+    rows of R evaluated before an experience existed hold NaN for it.
     """
     validate_names(config)
     compile_events, stop_counting = _count_compiles()
     try:
-        with _Run(config, workdir, compile_events) as r:
+        with _Run(config, workdir, compile_events, hooks or Hooks()) as r:
             return r.execute()
     finally:
         stop_counting()
@@ -169,8 +188,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 class _Run:
     """State of one ``run`` call; kept as an object only to share setup between its phases."""
 
-    def __init__(self, config, workdir, compile_events):
+    def __init__(self, config, workdir, compile_events, hooks: Hooks):
         self.config = config
+        self.hooks = hooks
         self.workdir = os.path.abspath(workdir)
         self.compile_events = compile_events
         os.makedirs(self.workdir, exist_ok=True)
@@ -194,10 +214,16 @@ class _Run:
         )
         image_shape, label_shape = self._row_shapes()
         self.task = tasks.for_stream(self.stream.kind, label_shape)
+        n_exp = len(self.stream.experiences)
+        max_exp = int(config.get("max_experiences", 0) or 0)
+        if max_exp and n_exp > max_exp:
+            raise ValueError(
+                f"the stream has {n_exp} experiences but config.max_experiences is {max_exp}"
+            )
         env = base.Env(
             self.forward,
             self.stream.num_classes,
-            len(self.stream.experiences),
+            max_exp or n_exp,
             image_shape=image_shape,
             label_shape=label_shape,
             seed=config.seed,
@@ -417,8 +443,10 @@ class _Run:
             global_step += 1  # host-side mirror of state.step: reading that would sync
             bar.update(1)
             save_now = cfg.checkpoint_every_steps > 0 and s % cfg.checkpoint_every_steps == 0
+            if self.hooks.should_stop is not None and self.hooks.should_stop():
+                self.stop_requested = True
             if s % cfg.log_every_steps == 0 or s == n_steps or save_now or self.stop_requested:
-                metrics = self._log(global_step, metrics, monitor, phase, bar)
+                metrics = self._log(global_step, metrics, monitor, phase, bar, (s, n_steps))
             if global_step == cfg.debug.kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume test
             if (save_now or self.stop_requested) and s < n_steps:
@@ -488,7 +516,7 @@ class _Run:
             return None
         return progress
 
-    def _log(self, global_step, metrics, monitor, phase, bar):
+    def _log(self, global_step, metrics, monitor, phase, bar, where):
         """Reads the device metrics (the only host sync of the loop), checks them, resets."""
         values = {k: float(v) for k, v in metrics.compute().items()}
         bad = int(monitor.first_bad_step)
@@ -501,12 +529,25 @@ class _Run:
             )
         self.writer.write_scalars(global_step, {f"train/{k}": v for k, v in values.items()})
         bar.set_postfix(loss=f"{values['loss']:.4f}")
+        if self.hooks.on_log is not None:
+            self.hooks.on_log(
+                {
+                    "phase": phase.index,
+                    "step_in_phase": where[0],
+                    "steps_in_phase": where[1],
+                    "global_step": global_step,
+                    **values,
+                }
+            )
         return step_lib.TrainMetrics.empty()
 
     def _save(self, progress: _Progress) -> None:
         t0 = time.perf_counter()
-        self.ckpt.save(self.arrays, progress._asdict())
+        meta = progress._asdict()
+        n = self.ckpt.save(self.arrays, meta)
         progress.timing["checkpoint_s"] += time.perf_counter() - t0
+        if self.hooks.on_checkpoint is not None:
+            self.hooks.on_checkpoint(self.ckpt.directory(n), meta)
 
     def _per_class(self, stat: np.ndarray) -> np.ndarray:
         """Per-class IoU, recall (classification) or AP (multi-label) of one statistic."""
@@ -555,8 +596,12 @@ class _Run:
         k = self.stream.num_classes
         confs = [[np.array(c) for c in row] for row in progress.rows]
         score = self.evaluator.score
-        R = [[score(c, j) for j, c in enumerate(row)] for row in confs]
+        t = len(self.stream.experiences)
+        # Rows evaluated before the stream grew (a lineage's earlier jobs) end early: NaN there.
+        R = [[score(c, j) for j, c in enumerate(row)] + [np.nan] * (t - len(row)) for row in confs]
         initial = [score(np.array(c), j) for j, c in enumerate(progress.initial_row)]
+        if len(initial) != t:  # FWT needs the untrained model on experiences that came later
+            initial = None
         timing = dict(progress.timing)
         timing["compile_count"] = len(self.compile_events)
         timing["steps_per_s"] = timing["train_steps"] / max(timing["train_s"], 1e-9)

@@ -68,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     # experience's classes (per-task heads by masking); implies eval_task_il.
     c.task_incremental = False
     c.epochs = 2
+    # Fixed upper bound on the stream length (0: the stream's own length). A stream that grows
+    # between runs on one workdir (the service's lineages) sets it, so strategy state keeps its
+    # shapes.
+    c.max_experiences = 0
     # scale=(lo, hi): random rescale before the crop (the segmentation papers' 0.5-2.0).
     c.augment = ml_collections.ConfigDict({"crop": 0, "flip": False, "scale": ()})
     c.sharding = ml_collections.ConfigDict({"mesh": (("data", -1),), "param_rules": ()})

@@ -14,3 +14,12 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".pytest_cache", "xla-cache")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+# anyio is a pytest plugin, so pytest rewrites its modules on import; Starlette's FileResponse
+# imports anyio's file module lazily, and that import (an ast.parse) racing another thread's
+# compile trips CPython 3.11's "AST constructor recursion depth mismatch" in the serve tests.
+# Importing it here, before any server thread exists, takes the race away.
+try:
+    import anyio._core._fileio  # noqa: F401
+except ImportError:  # the serve extra is not installed
+    pass

@@ -1,0 +1,1 @@
+"""HTTP service: users upload experiences and train lineages of continual-learning models."""

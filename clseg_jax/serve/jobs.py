@@ -1,0 +1,178 @@
+"""Job bookkeeping in the database: atomic claims with leases, heartbeats, progress, results.
+
+Every write that only the lease holder may make is a compare-and-set on ``lease_owner`` (and the
+state), so a worker that lost its lease (it stalled past the lease, another worker reclaimed the
+job) can neither overwrite progress nor publish a second version. Jobs of one lineage run in
+submission order: a job is claimable only when no earlier job of its lineage is queued or running.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+from clseg_jax.serve import db
+from clseg_jax.serve.db import Job, Version
+
+
+class LeaseLost(RuntimeError):
+    """This worker no longer holds the job's lease; it must stop without writing results."""
+
+
+def _claimable(t: float):
+    return (Job.state == "queued") | ((Job.state == "running") & (Job.lease_expires_at < t))
+
+
+def claim(engine: sa.Engine, worker: str, lease_s: float, job_id: str | None = None) -> str | None:
+    """Takes the oldest claimable job (or ``job_id`` if claimable) for ``worker``; its id or None.
+
+    Claimable: queued, or running with an expired lease (its worker died), not cancelled, and no
+    earlier job of its lineage still queued or running.
+    """
+    t = db.now()
+    earlier = orm.aliased(Job)
+    blocked = (
+        sa.select(earlier.id)
+        .where(
+            earlier.lineage_id == Job.lineage_id,
+            earlier.created_at < Job.created_at,
+            earlier.state.in_(("queued", "running")),
+        )
+        .exists()
+    )
+    query = sa.select(Job.id).where(_claimable(t), ~Job.cancel_requested, ~blocked)
+    if job_id is not None:
+        query = query.where(Job.id == job_id)
+    with orm.Session(engine) as s:
+        candidates = s.scalars(query.order_by(Job.created_at).limit(8)).all()
+        for cid in candidates:
+            # Compare-and-set: of two workers racing for one row, the second matches nothing.
+            res = s.execute(
+                sa.update(Job)
+                .where(Job.id == cid, _claimable(t), ~Job.cancel_requested)
+                .values(
+                    state="running",
+                    lease_owner=worker,
+                    lease_expires_at=t + lease_s,
+                    attempts=Job.attempts + 1,
+                    started_at=sa.func.coalesce(Job.started_at, t),
+                    error=None,
+                )
+            )
+            s.commit()
+            if res.rowcount == 1:
+                return cid
+    return None
+
+
+def _owned(job_id: str, worker: str):
+    return (Job.id == job_id) & (Job.lease_owner == worker) & (Job.state == "running")
+
+
+def heartbeat(engine: sa.Engine, job_id: str, worker: str, lease_s: float) -> tuple[bool, bool]:
+    """Extends the lease; ``(still_held, cancel_requested)``."""
+    with orm.Session(engine) as s:
+        res = s.execute(
+            sa.update(Job).where(_owned(job_id, worker)).values(lease_expires_at=db.now() + lease_s)
+        )
+        cancel = s.scalar(sa.select(Job.cancel_requested).where(Job.id == job_id))
+        s.commit()
+    return res.rowcount == 1, bool(cancel)
+
+
+def _owned_update(engine: sa.Engine, job_id: str, worker: str, **values: Any) -> None:
+    with orm.Session(engine) as s:
+        res = s.execute(sa.update(Job).where(_owned(job_id, worker)).values(**values))
+        s.commit()
+    if res.rowcount != 1:
+        raise LeaseLost(f"job {job_id}: lease lost by {worker}")
+
+
+def set_progress(engine: sa.Engine, job_id: str, worker: str, progress: dict) -> None:
+    _owned_update(engine, job_id, worker, progress=progress)
+
+
+def set_checkpoint(engine: sa.Engine, job_id: str, worker: str, obj: dict) -> None:
+    """Points the job at a verified checkpoint object, from which a retry resumes."""
+    _owned_update(engine, job_id, worker, checkpoint=obj)
+
+
+def finish(engine: sa.Engine, job_id: str, worker: str, version: dict) -> str:
+    """Inserts the version and marks the job succeeded in one transaction; the version's id.
+
+    Raises ``LeaseLost`` (writing nothing) if the lease moved on: the job's other holder
+    publishes instead, so a job yields one version however often it was delivered.
+    """
+    with orm.Session(engine) as s, s.begin():
+        row = Version(job_id=job_id, **version)
+        s.add(row)
+        s.flush()
+        res = s.execute(
+            sa.update(Job)
+            .where(_owned(job_id, worker))
+            .values(
+                state="succeeded",
+                version_id=row.id,
+                lease_owner=None,
+                lease_expires_at=None,
+                finished_at=db.now(),
+            )
+        )
+        if res.rowcount != 1:
+            s.rollback()
+            raise LeaseLost(f"job {job_id}: lease lost by {worker} before publishing")
+        return row.id
+
+
+def end(engine: sa.Engine, job_id: str, worker: str, state: str, error: str | None = None) -> bool:
+    """Ends or requeues (``state="queued"``) a job this worker holds; False if it did not."""
+    values: dict[str, Any] = {"state": state, "lease_owner": None, "lease_expires_at": None}
+    if state in db.TERMINAL:
+        values["finished_at"] = db.now()
+    if error is not None:
+        values["error"] = error
+    with orm.Session(engine) as s:
+        res = s.execute(sa.update(Job).where(_owned(job_id, worker)).values(**values))
+        s.commit()
+    return res.rowcount == 1
+
+
+def reap(engine: sa.Engine, max_attempts: int) -> list[str]:
+    """Requeues running jobs whose lease expired (their worker died); fails those that used up
+    ``max_attempts``. Returns the requeued ids (for a queue that needs a new message)."""
+    t = db.now()
+    expired = (Job.state == "running") & (Job.lease_expires_at < t)
+    with orm.Session(engine) as s:
+        s.execute(
+            sa.update(Job)
+            .where(expired, Job.attempts >= max_attempts)
+            .values(
+                state="failed",
+                error=f"worker lost {max_attempts} times (lease expired); not retried",
+                lease_owner=None,
+                lease_expires_at=None,
+                finished_at=t,
+            )
+        )
+        ids = s.scalars(sa.select(Job.id).where(expired)).all()
+        if ids:
+            s.execute(
+                sa.update(Job)
+                .where(expired, Job.id.in_(ids))
+                .values(state="queued", lease_owner=None, lease_expires_at=None)
+            )
+        s.commit()
+    return list(ids)
+
+
+_SECRET = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+
+
+def one_line_error(err: BaseException) -> str:
+    """``Type: first line`` of an exception, at most 500 characters, credentials in URLs masked."""
+    text = str(err).strip().splitlines()
+    msg = f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+    return _SECRET.sub(r"\1***@", msg)[:500]

@@ -1,0 +1,237 @@
+"""A lineage's machine-learning side, without HTTP or a database: spec -> train config, one
+experience trained on top of the previous version's full CL state, its evaluation, its weights.
+
+A lineage's stream is the datasets of its versions in order. Job ``v`` (making version ``v``,
+numbered from 1) materialises ``exp0.npz .. exp{v-1}.npz`` in its work folder, restores the
+version ``v-1`` checkpoint (weights, optimizer, strategy state: Fisher, importances, replay
+buffer), and lets ``train.run`` train the one untrained phase and evaluate every experience's test
+split: the new row of R. ``max_experiences`` is fixed at creation so that strategy state keeps its
+shapes as the stream grows.
+
+Checkpoints travel as uncompressed tars of one orbax step folder; they are unpacked only after
+their sha256 was verified against the row that points at them, and with tarfile's ``data`` filter
+(no absolute paths, links out of the folder or device files).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from clseg_jax import metrics as metrics_lib
+from clseg_jax import models, strategies, train
+from clseg_jax import step as step_lib
+from clseg_jax.checkpoint import Checkpointer
+from clseg_jax.models import weights as weights_lib
+
+# What a lineage may set, with defaults: a small UNet and a recipe that trains in seconds per
+# experience on a CPU for 64x64 images (the README's session); a GPU deployment raises them.
+SPEC_DEFAULTS: dict[str, Any] = {
+    "num_classes": 2,
+    "image_size": [64, 64],
+    "kind": "domain",  # or "class": an experience labels the classes in its masks
+    "strategy": "naive",
+    "strategy_params": {},
+    "model_widths": [8, 16, 32],
+    "max_experiences": 16,
+    "epochs": 2,
+    "batch_size": 8,
+    "lr": 0.01,
+    "checkpoint_every_steps": 20,
+    "seed": 0,
+}
+
+
+def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fills defaults and checks what types alone cannot; one-line ``ValueError`` otherwise."""
+    unknown = sorted(set(spec) - set(SPEC_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown lineage field {unknown[0]!r}; valid: {sorted(SPEC_DEFAULTS)}")
+    out = {**SPEC_DEFAULTS, **spec}
+    strategies.names(out["strategy"])
+    hparams = strategies.default_hparams()
+    for key in out["strategy_params"]:
+        if key not in hparams:
+            raise ValueError(f"unknown strategy parameter {key!r}; valid: {sorted(hparams)}")
+    if not 2 <= out["num_classes"] <= 255:
+        raise ValueError(f"num_classes must be in 2..255, got {out['num_classes']}")
+    if out["kind"] not in ("domain", "class"):
+        raise ValueError(f"kind must be 'domain' or 'class', got {out['kind']!r}")
+    widths = out["model_widths"]
+    if not 2 <= len(widths) <= 5 or any(not 1 <= w <= 512 for w in widths):
+        raise ValueError(f"model_widths must be 2..5 widths in 1..512, got {widths}")
+    stride = 2 ** (len(widths) - 1)
+    h, w = out["image_size"]
+    if not (stride <= h <= 1024 and stride <= w <= 1024) or h % stride or w % stride:
+        raise ValueError(
+            f"image_size must be multiples of {stride} (2**(len(model_widths)-1)) "
+            f"up to 1024, got {[h, w]}"
+        )
+    for key, lo, hi in (
+        ("max_experiences", 1, 256),
+        ("epochs", 1, 1000),
+        ("batch_size", 1, 1024),
+        ("checkpoint_every_steps", 0, 10**6),
+    ):
+        if not lo <= out[key] <= hi:
+            raise ValueError(f"{key} must be in {lo}..{hi}, got {out[key]}")
+    if not 0 < out["lr"] <= 10:
+        raise ValueError(f"lr must be in (0, 10], got {out['lr']}")
+    return out
+
+
+def train_config(spec: dict[str, Any], data_dir: str) -> ml_collections.ConfigDict:
+    """The ``train.run`` config of a lineage whose experiences lie in ``data_dir``."""
+    from configs import common  # the repository's config package (installed beside clseg_jax)
+
+    c = common.base_config()
+    c.seed = spec["seed"]
+    c.data.name = "npz"
+    c.data.path = data_dir
+    c.data.num_classes = spec["num_classes"]
+    c.data.kind = spec["kind"]
+    c.model.kwargs = {"widths": tuple(spec["model_widths"]), "norm": "batch"}
+    c.strategy.name = spec["strategy"]
+    c.strategy.update(spec["strategy_params"])
+    c.optimizer.lr = spec["lr"]
+    c.batch_size = spec["batch_size"]
+    c.eval_batch_size = max(spec["batch_size"], 16)
+    c.epochs = spec["epochs"]
+    c.max_experiences = spec["max_experiences"]
+    c.checkpoint_every_steps = spec["checkpoint_every_steps"]
+    c.log_every_steps = max(1, min(20, spec["checkpoint_every_steps"] or 20))
+    c.progress = False
+    c.log.tensorboard = False
+    c.compilation_cache_dir = ""
+    return c
+
+
+def stage_stream(data_dir: str, files: Sequence[str]) -> None:
+    """Makes ``data_dir`` hold exactly ``exp0.npz ..`` for ``files`` (hard links when possible)."""
+    shutil.rmtree(data_dir, ignore_errors=True)
+    os.makedirs(data_dir)
+    for k, f in enumerate(files):
+        dst = os.path.join(data_dir, f"exp{k}.npz")
+        try:
+            os.link(f, dst)
+        except OSError:
+            shutil.copyfile(f, dst)
+
+
+def pack(directory: str, out_path: str) -> None:
+    """Tars ``directory`` (an orbax step folder) as ``<basename>/...``."""
+    with tarfile.open(out_path, "w") as tar:
+        tar.add(directory, arcname=os.path.basename(directory))
+
+
+def unpack_checkpoint(tar_path: str, workdir: str) -> None:
+    """Unpacks a packed step folder as the only checkpoint under ``workdir/checkpoints``."""
+    dest = os.path.join(workdir, "checkpoints")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest)
+    with tarfile.open(tar_path, "r") as tar:
+        tar.extractall(dest, filter="data")
+
+
+def run_experience(
+    spec: dict[str, Any], data_dir: str, workdir: str, hooks: train.Hooks | None = None
+) -> dict:
+    """Trains the stream's untrained phases (normally the last one); ``{}`` if stopped."""
+    return train.run(train_config(spec, data_dir), workdir, hooks or train.Hooks())
+
+
+def version_metrics(results: dict) -> dict:
+    """What the API serves for a version: R (NaN -> None), CL summary, per-class scores."""
+
+    def clean(x):
+        if isinstance(x, float) and not np.isfinite(x):
+            return None
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        return x
+
+    R = results["accuracy_matrix"]
+    summary = metrics_lib.cl_summary(R)
+    per_class = results["per_class"]
+    return clean(
+        {
+            "metric": results["metric"],
+            "accuracy_matrix": R,
+            **{k: summary[k] for k in ("avg_miou", "forgetting", "bwt", "avg_incremental")},
+            "per_class": per_class,
+            "class_names": results["stream"]["class_names"],
+        }
+    )
+
+
+def export_weights(workdir: str, out_path: str) -> None:
+    """Writes the latest checkpoint's params and BatchNorm statistics as a weights ``.npz``."""
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        arrays, _ = ckpt.read()
+    finally:
+        ckpt.close()
+    state = arrays["state"]
+    if isinstance(state, dict):
+        params, stats = state["params"], state["batch_stats"]
+    else:
+        params, stats = state[:2]
+    weights_lib.save(out_path, params, stats)
+
+
+class Predictor:
+    """Segments images with one version's weights; compiled once per lineage image size."""
+
+    def __init__(self, spec: dict[str, Any], weights_path: str):
+        cfg = ml_collections.ConfigDict(
+            {
+                "name": "unet",
+                "kwargs": {"widths": tuple(spec["model_widths"]), "norm": "batch"},
+            }
+        )
+        graphdef, params, stats = models.init(cfg, spec["num_classes"], seed=0)
+        params, stats = weights_lib.load(weights_path, params, stats)
+        self.size = tuple(spec["image_size"])
+        forward = step_lib.make_forward(graphdef, "symmetric")
+
+        @jax.jit
+        def predict(image):  # [1,H,W,3] uint8 -> [1,H,W] int32
+            return jnp.argmax(forward(params, stats, image, False)[0]["logits"], -1)
+
+        self._predict = predict
+
+    def __call__(self, image_bytes: bytes, max_pixels: int) -> bytes:
+        """PNG/JPEG bytes -> mask PNG bytes (mode L, class ids) at the input's size."""
+        image = _open_image(image_bytes, max_pixels)
+        size = image.size
+        x = np.asarray(image.resize(self.size[::-1], Image.BILINEAR), np.uint8)[None]
+        mask = np.asarray(self._predict(x))[0].astype(np.uint8)
+        out = Image.fromarray(mask, "L").resize(size, Image.NEAREST)
+        buf = io.BytesIO()
+        out.save(buf, "PNG")
+        return buf.getvalue()
+
+
+def _open_image(data: bytes, max_pixels: int) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format not in ("PNG", "JPEG"):
+            raise ValueError(f"image must be PNG or JPEG, got {image.format}")
+        w, h = image.size
+        if w * h > max_pixels:
+            raise ValueError(f"image is {w}x{h}, over the limit of {max_pixels} pixels")
+        return image.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as err:
+        raise ValueError(f"image cannot be decoded ({str(err).splitlines()[0]})") from None
