@@ -188,9 +188,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks | None = N
 class _Run:
     """State of one ``run`` call; kept as an object only to share setup between its phases."""
 
-    def __init__(self, config, workdir, compile_events, hooks: Hooks):
+    def __init__(self, config, workdir, compile_events, hooks: Hooks | None = None):
         self.config = config
-        self.hooks = hooks
+        self.hooks = hooks or Hooks()
         self.workdir = os.path.abspath(workdir)
         self.compile_events = compile_events
         os.makedirs(self.workdir, exist_ok=True)

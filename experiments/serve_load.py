@@ -76,7 +76,7 @@ def _load(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="experiments/results/serve_load.json")
-    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--requests", type=int, default=1200)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--port", type=int, default=8791)
     args = parser.parse_args()
@@ -118,7 +118,7 @@ def main() -> None:
             for i, e in enumerate(exps)
         ]
         lid = client.post(
-            "/lineages", json={"name": "load", "image_size": [64, 64], "epochs": 4}
+            "/lineages", json={"name": "load", "image_size": [64, 64], "epochs": 12}
         ).json()["id"]
         j1 = client.post("/jobs", json={"lineage_id": lid, "dataset_id": ds[0]}).json()
         _wait_job(client, j1["id"])
@@ -129,7 +129,8 @@ def main() -> None:
         client.post(f"/versions/{version}/predict", files={"image": ("x.png", png)})  # compile
         idle = _load(client, args.requests, args.threads, j1["id"], version, png)
         j2 = client.post("/jobs", json={"lineage_id": lid, "dataset_id": ds[1]}).json()
-        _wait_job(client, j2["id"], ("running",))
+        while not client.get(f"/jobs/{j2['id']}").json()["progress"]:  # past compilation
+            time.sleep(0.1)
         training = _load(client, args.requests, args.threads, j2["id"], version, png)
         still = client.get(f"/jobs/{j2['id']}").json()["state"]
         _wait_job(client, j2["id"])

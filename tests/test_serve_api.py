@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from sqlalchemy import orm
 
 from clseg_jax import models, train
 from clseg_jax.data import npz
 from clseg_jax.models import weights as weights_lib
 from clseg_jax.serve import api, db, example, lineage
+from clseg_jax.serve.db import Job
 from clseg_jax.serve.settings import Settings
 
 SPEC = {"image_size": [32, 32], "model_widths": [4, 8], "epochs": 1, "checkpoint_every_steps": 1}
@@ -272,3 +274,48 @@ def test_a_failing_job_ends_failed_with_its_error(live, experiences):
     assert job["state"] == "failed" and job["attempts"] == 2
     assert job["error"].startswith("StoreError") and "\n" not in job["error"]
     assert client.get(f"/lineages/{lid}/versions", headers=a).json() == []
+
+
+def test_cancelling_a_running_job_stops_it_without_a_version(live, experiences):
+    client, auth, _ = live
+    a = auth["alice"]
+    lid = _lineage(client, a, epochs=50)
+    ds = _upload(client, a, experiences[0]).json()["id"]
+    job = client.post("/jobs", json={"lineage_id": lid, "dataset_id": ds}, headers=a).json()
+    t0 = time.time()
+    while not client.get(f"/jobs/{job['id']}", headers=a).json()["progress"]:
+        assert time.time() - t0 < 120, "the job never reported progress"
+        time.sleep(0.2)
+    r = client.post(f"/jobs/{job['id']}/cancel", headers=a)
+    assert r.status_code == 202 and r.json()["cancel_requested"]
+    done = _wait(client, a, job["id"])
+    assert done["state"] == "cancelled" and done["error"] == "cancelled by request"
+    assert done["progress"]["step_in_phase"] < done["progress"]["steps_in_phase"]
+    assert client.get(f"/lineages/{lid}/versions", headers=a).json() == []
+
+
+def test_stopping_the_server_requeues_a_running_job_which_then_finishes(
+    tmp_path_factory, experiences
+):
+    home = tmp_path_factory.mktemp("restart")
+    app, auth = _client(home, True, lease_s=6)
+    a = auth["alice"]
+    with TestClient(app) as client:
+        lid = _lineage(client, a, epochs=30)
+        ds = _upload(client, a, experiences[0]).json()["id"]
+        job = client.post("/jobs", json={"lineage_id": lid, "dataset_id": ds}, headers=a).json()
+        t0 = time.time()
+        while not client.get(f"/jobs/{job['id']}", headers=a).json()["progress"]:
+            assert time.time() - t0 < 120, "the job never reported progress"
+            time.sleep(0.2)
+    # The server stopped mid-job: the job went back to the queue with its checkpoint.
+    engine = db.make_engine(f"sqlite:///{home}/clseg.db")
+    with orm.Session(engine) as s:
+        row = s.get(Job, job["id"])
+        assert row.state == "queued" and row.checkpoint is not None, (row.state, row.error)
+        step = row.progress["step_in_phase"]
+        assert 0 < step < row.progress["steps_in_phase"]
+    app = api.create_app(_settings(home, lease_s=6))
+    with TestClient(app) as client:
+        done = _wait(client, a, job["id"])
+    assert done["state"] == "succeeded" and done["attempts"] == 2

@@ -360,3 +360,18 @@ def test_upload_level_errors():
     rejects(make_zip(entries), ".zip", ".npz", "unsupported file type", filename="up.tar")
     with pytest.raises(UploadError, match=r"num_classes must be 1\.\.255"):
         parse_upload(make_zip(entries), "u.zip", 0)
+
+
+def test_decoded_size_is_capped_before_decoding_everything():
+    arrays = {
+        "x_train": np.zeros((6, 32, 32, 3), np.uint8),
+        "y_train": np.zeros((6, 32, 32), np.uint8),
+        "x_test": np.zeros((2, 32, 32, 3), np.uint8),
+        "y_test": np.zeros((2, 32, 32), np.uint8),
+    }
+    from clseg_jax.serve import example
+
+    data = example.zip_bytes(arrays)
+    assert parse_upload(data, "a.zip", 2, Limits(max_decoded_bytes=8 * 32 * 32 * 4))
+    with pytest.raises(UploadError, match="8 images of 32x32 decode to 32768 bytes"):
+        parse_upload(data, "a.zip", 2, Limits(max_decoded_bytes=8 * 32 * 32 * 4 - 1))

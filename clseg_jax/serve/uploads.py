@@ -78,6 +78,9 @@ class Limits:
     max_ratio: int = 200  # per-member compression ratio, for members over 1 MiB
     max_image_pixels: int = 4096 * 4096  # per image, checked from the header before decoding
     max_images: int = 20_000  # per split
+    # Decoded arrays of a zip upload (images and masks, 4 bytes a pixel): small PNGs can
+    # decode to far more memory than the upload and its decompressed bytes.
+    max_decoded_bytes: int = 4 * 2**30
 
 
 def _q(text: str, limit: int = 120) -> str:
@@ -294,6 +297,14 @@ def _parse_zip(
             img_name, mask_name = img_info.filename, mask_info.filename
             img = _open_image(reader.read(img_info), f"{where}: {_q(img_name)}", False, limits)
             hw = (img.size[1], img.size[0])
+            if not out:  # the first image fixes the size, hence the decoded total
+                rows_all = sum(len(r) for r in pairs.values())
+                total = rows_all * hw[0] * hw[1] * 4
+                if total > limits.max_decoded_bytes:
+                    raise UploadError(
+                        f"{where}: {rows_all} images of {hw[0]}x{hw[1]} decode to {total} "
+                        f"bytes, over the limit of {limits.max_decoded_bytes}"
+                    )
             if size is None:
                 size, first = hw, img_name
             elif hw != tuple(size):

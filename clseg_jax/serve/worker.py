@@ -65,9 +65,17 @@ class _Plan:
 
 
 def execute(
-    settings: Settings, engine: sa.Engine, objects: store.ObjectStore, job_id: str, worker: str
+    settings: Settings,
+    engine: sa.Engine,
+    objects: store.ObjectStore,
+    job_id: str,
+    worker: str,
+    shutdown: threading.Event | None = None,
 ) -> str:
-    """Runs a job this worker has claimed to its end; returns the job's final state."""
+    """Runs a job this worker has claimed to its end; returns the job's final state.
+
+    ``shutdown`` (the process is stopping): the job saves a checkpoint at its next step and goes
+    back to the queue, to resume there."""
     plan = _Plan(engine, job_id)
     workdir = os.path.join(settings.scratch, job_id)
     shutil.rmtree(workdir, ignore_errors=True)  # a stale folder of a dead worker: start clean
@@ -122,7 +130,8 @@ def execute(
             jobs.set_checkpoint(engine, job_id, worker, _obj(obj))
 
         def should_stop() -> bool:
-            return stop.is_set() or time.time() > deadline
+            leaving = shutdown is not None and shutdown.is_set()
+            return stop.is_set() or leaving or time.time() > deadline
 
         hooks = train.Hooks(on_log, on_checkpoint, should_stop)
         results = lineage.run_experience(plan.spec, data_dir, run_dir, hooks)
@@ -132,6 +141,9 @@ def execute(
             if why["cancel"]:
                 jobs.end(engine, job_id, worker, "cancelled", "cancelled by request")
                 return "cancelled"
+            if shutdown is not None and shutdown.is_set():
+                jobs.end(engine, job_id, worker, "queued")
+                return "queued"
             jobs.end(
                 engine,
                 job_id,
@@ -217,4 +229,4 @@ class InProcessWorker:
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
-            execute(self.settings, self.engine, self.objects, job_id, self.id)
+            execute(self.settings, self.engine, self.objects, job_id, self.id, self._stop)
