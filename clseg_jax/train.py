@@ -111,12 +111,15 @@ class Hooks(NamedTuple):
     ``on_log(info)``: at each metrics read (``phase``, ``step_in_phase``, ``steps_in_phase``,
     ``global_step`` and the train metrics, floats). ``on_checkpoint(directory, meta)``: after each
     complete checkpoint, with its folder. ``should_stop()``: polled once per step on the host; when
-    it says so, the run saves a checkpoint and returns ``{}`` (as on SIGTERM).
+    it says so, the run saves a checkpoint and returns ``{}`` (as on SIGTERM). ``handle_sigterm``:
+    False leaves SIGTERM to the caller (a Celery worker's warm shutdown), which stops the run
+    through ``should_stop``.
     """
 
     on_log: Callable[[dict], None] | None = None
     on_checkpoint: Callable[[str, dict], None] | None = None
     should_stop: Callable[[], bool] | None = None
+    handle_sigterm: bool = True
 
 
 def array_shardings(arrays: dict, mesh, rules=()) -> dict:
@@ -287,7 +290,7 @@ class _Run:
 
     def __enter__(self):
         self._old_handler = None
-        if threading.current_thread() is threading.main_thread():
+        if self.hooks.handle_sigterm and threading.current_thread() is threading.main_thread():
             self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 

@@ -319,3 +319,14 @@ def test_stopping_the_server_requeues_a_running_job_which_then_finishes(
     with TestClient(app) as client:
         done = _wait(client, a, job["id"])
     assert done["state"] == "succeeded" and done["attempts"] == 2
+
+
+def test_a_job_over_its_time_limit_fails_and_says_so(tmp_path_factory, experiences):
+    app, auth = _client(tmp_path_factory.mktemp("limit"), True, job_time_limit_s=4)
+    a = auth["alice"]
+    with TestClient(app) as client:
+        lid = _lineage(client, a, epochs=200)
+        ds = _upload(client, a, experiences[0]).json()["id"]
+        job = client.post("/jobs", json={"lineage_id": lid, "dataset_id": ds}, headers=a).json()
+        done = _wait(client, a, job["id"])
+    assert done["state"] == "failed" and done["error"] == "time limit of 4 s reached"

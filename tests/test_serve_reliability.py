@@ -7,7 +7,9 @@ SeaweedFS S3, the API and Celery workers as separate processes (``python -m clse
   checkpoint on another worker and finishes once, with the results of an uninterrupted run;
 * while that job trains, a bounded load of status and predict requests meets no error (the
   throughput and p99 latency are printed; ``experiments/serve_load.py`` measures them properly);
-* a job whose data vanished ends ``failed`` with its error, never stuck.
+* a job whose data vanished ends ``failed`` with its error, never stuck;
+* a worker stopped with SIGTERM hands its running job back to the queue (checkpointed); the next
+  worker finishes it.
 """
 
 # ruff: noqa: F811  (fixture arguments shadow the fixtures imported from tests.serve_servers)
@@ -271,3 +273,25 @@ def test_killed_worker_resumes_and_finishes_once(service, experiences, tmp_path)
     spec = lineage.validate_spec({**SPEC, "strategy": "ewc"})
     ref = train.run(lineage.train_config(spec, str(tmp_path / "data")), str(tmp_path / "ref"))
     np.testing.assert_allclose(np.array(R[1], float), ref["accuracy_matrix"][1], rtol=1e-6)
+
+
+def test_sigterm_hands_the_running_job_back_to_the_queue(service, experiences):
+    client = service.client
+    lid = _lineage(client, epochs=30)
+    ds = _upload(client, experiences[1], name="again.zip")["id"]
+    leaving, _ = service.start_worker("c")
+    try:
+        job = client.post("/jobs", json={"lineage_id": lid, "dataset_id": ds}).json()
+        _wait(service, job["id"], lambda j: (j.progress or {}).get("step_in_phase", 0) >= 3)
+        leaving.send_signal(signal.SIGTERM)  # Celery's warm shutdown
+        assert leaving.wait(timeout=60) == 0
+    finally:
+        service.kill(leaving)
+    row = service.job(job["id"])
+    assert row.state == "queued" and row.checkpoint is not None, (row.state, row.error)
+    taker, _ = service.start_worker("d")
+    try:
+        done = _wait(service, job["id"], lambda j: j.state in db.TERMINAL)
+    finally:
+        service.kill(taker)
+    assert done.state == "succeeded" and done.attempts == 2, done.error

@@ -43,9 +43,15 @@ def make_celery(broker: str) -> Celery:
 
 def register(app: Celery, settings: Settings) -> None:
     """Adds the job task to ``app``; its worker process opens the database and the store."""
+    from celery import signals
+
     from clseg_jax.serve import worker
 
     state: dict = {}
+    # A warm shutdown (SIGTERM) would wait for the running job to end; instead the job saves a
+    # checkpoint at its next step and goes back to the queue (worker.execute's ``shutdown``).
+    leaving = threading.Event()
+    signals.worker_shutting_down.connect(lambda **_: leaving.set(), weak=False)
 
     def context():
         if not state:
@@ -61,7 +67,7 @@ def register(app: Celery, settings: Settings) -> None:
         # (published again when that one ends, below).
         if jobs.claim(engine, me, settings.lease_s, job_id=job_id) is None:
             return "skipped"
-        outcome = worker.execute(settings, engine, objects, job_id, me)
+        outcome = worker.execute(settings, engine, objects, job_id, me, leaving)
         with orm.Session(engine) as s:
             job = s.get(db.Job, job_id)
             after = s.scalar(
@@ -70,7 +76,9 @@ def register(app: Celery, settings: Settings) -> None:
                 .order_by(db.Job.created_at)
                 .limit(1)
             )
-        if after is not None:
+        if outcome == "queued":  # requeued by a shutdown: another worker takes it
+            app.send_task(TASK, args=[job_id])
+        elif after is not None:
             app.send_task(TASK, args=[after])
         return outcome
 

@@ -133,7 +133,7 @@ def execute(
             leaving = shutdown is not None and shutdown.is_set()
             return stop.is_set() or leaving or time.time() > deadline
 
-        hooks = train.Hooks(on_log, on_checkpoint, should_stop)
+        hooks = train.Hooks(on_log, on_checkpoint, should_stop, handle_sigterm=False)
         results = lineage.run_experience(plan.spec, data_dir, run_dir, hooks)
         if not results:  # stopped after saving a checkpoint
             if why["lost"]:
@@ -141,17 +141,12 @@ def execute(
             if why["cancel"]:
                 jobs.end(engine, job_id, worker, "cancelled", "cancelled by request")
                 return "cancelled"
-            if shutdown is not None and shutdown.is_set():
-                jobs.end(engine, job_id, worker, "queued")
-                return "queued"
-            jobs.end(
-                engine,
-                job_id,
-                worker,
-                "failed",
-                f"time limit of {settings.job_time_limit_s} s reached",
-            )
-            return "failed"
+            if time.time() > deadline:
+                limit = settings.job_time_limit_s
+                jobs.end(engine, job_id, worker, "failed", f"time limit of {limit} s reached")
+                return "failed"
+            jobs.end(engine, job_id, worker, "queued")  # the process is shutting down
+            return "queued"
         prefix = f"lineages/{plan.lineage_id}/versions/{plan.number}-{job_id}"
         ckpt_dir = os.path.join(run_dir, "checkpoints")
         latest = max(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
