@@ -27,12 +27,14 @@ serve: $(STAMP)
 	$(BIN)/python -m clseg_jax.serve serve --port $(SERVE_PORT)
 
 # Two pytest workers (pytest-xdist), one test file each at a time so module fixtures run once:
-# most tests are dominated by XLA compilation, which is single-threaded.
+# most tests are dominated by XLA compilation, which is single-threaded. Files go out longest
+# first (tests/conftest.py orders them; --no-loadscope-reorder keeps that order).
 PYTEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		--durations=15
 
 # Full-size runs (minutes each); not part of `make test`.
 test-slow: $(STAMP)
