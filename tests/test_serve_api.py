@@ -91,6 +91,13 @@ def _wait(client, auth, job_id, timeout=240):
     raise AssertionError(f"job {job_id} still {job['state']} after {timeout} s")
 
 
+def _wait_for_progress(client, auth, job_id, timeout=120):
+    t0 = time.time()
+    while not client.get(f"/jobs/{job_id}", headers=auth).json()["progress"]:
+        assert time.time() - t0 < timeout, f"job {job_id} never reported progress"
+        time.sleep(0.2)
+
+
 # -- before anything trains -------------------------------------------------------------------
 
 
@@ -282,10 +289,7 @@ def test_cancelling_a_running_job_stops_it_without_a_version(live, experiences):
     lid = _lineage(client, a, epochs=50)
     ds = _upload(client, a, experiences[0]).json()["id"]
     job = client.post("/jobs", json={"lineage_id": lid, "dataset_id": ds}, headers=a).json()
-    t0 = time.time()
-    while not client.get(f"/jobs/{job['id']}", headers=a).json()["progress"]:
-        assert time.time() - t0 < 120, "the job never reported progress"
-        time.sleep(0.2)
+    _wait_for_progress(client, a, job["id"])
     r = client.post(f"/jobs/{job['id']}/cancel", headers=a)
     assert r.status_code == 202 and r.json()["cancel_requested"]
     done = _wait(client, a, job["id"])
@@ -304,10 +308,7 @@ def test_stopping_the_server_requeues_a_running_job_which_then_finishes(
         lid = _lineage(client, a, epochs=30)
         ds = _upload(client, a, experiences[0]).json()["id"]
         job = client.post("/jobs", json={"lineage_id": lid, "dataset_id": ds}, headers=a).json()
-        t0 = time.time()
-        while not client.get(f"/jobs/{job['id']}", headers=a).json()["progress"]:
-            assert time.time() - t0 < 120, "the job never reported progress"
-            time.sleep(0.2)
+        _wait_for_progress(client, a, job["id"])
     # The server stopped mid-job: the job went back to the queue with its checkpoint.
     engine = db.make_engine(f"sqlite:///{home}/clseg.db")
     with orm.Session(engine) as s:

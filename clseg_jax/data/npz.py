@@ -78,27 +78,33 @@ def _load(file: Path) -> dict[str, np.ndarray]:
                 arrays[a] = np.asarray(z[a])  # materialised: the file is closed on return
             except (OSError, EOFError, ValueError) as err:  # object arrays, corrupt members
                 raise ValueError(f"npz: {file}: {a} cannot be loaded ({_one_line(err)})") from None
+    check_arrays(arrays, f"npz: {file}")
+    return arrays
+
+
+def check_arrays(arrays: Mapping[str, np.ndarray], where: str) -> None:
+    """Dtypes and shapes of the four arrays (``ARRAYS``) and no negative label; a one-line
+    ``ValueError`` starting with ``where`` otherwise (the service's uploads share it)."""
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(
-                f"npz: {file}: x_{split} must be uint8 [N,H,W,3], got shape {list(x.shape)}"
+                f"{where}: x_{split} must be uint8 [N,H,W,3], got shape {list(x.shape)}"
             )
         if x.dtype != np.uint8:
-            raise ValueError(f"npz: {file}: x_{split} must be uint8 [N,H,W,3], got {x.dtype}")
+            raise ValueError(f"{where}: x_{split} must be uint8 [N,H,W,3], got {x.dtype}")
         if y.shape != x.shape[:3]:
             raise ValueError(
-                f"npz: {file}: y_{split} must be [N,H,W] = {list(x.shape[:3])} "
+                f"{where}: y_{split} must be [N,H,W] = {list(x.shape[:3])} "
                 f"matching x_{split}, got shape {list(y.shape)}"
             )
         if not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"npz: {file}: y_{split} must have an integer dtype, got {y.dtype}")
+            raise ValueError(f"{where}: y_{split} must have an integer dtype, got {y.dtype}")
         if y.size and y.min() < 0:
             raise ValueError(
-                f"npz: {file}: y_{split} has negative labels (min {int(y.min())}); "
+                f"{where}: y_{split} has negative labels (min {int(y.min())}); "
                 f"use 0..num_classes-1 and 255 = ignore"
             )
-    return arrays
 
 
 def make(cfg: ml_collections.ConfigDict) -> base.Stream:

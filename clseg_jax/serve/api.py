@@ -82,6 +82,8 @@ class LineageOut(BaseModel):
 
 
 class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # built from the ORM row
+
     id: str
     filename: str
     sha256: str
@@ -97,6 +99,8 @@ class JobIn(_Strict):
 
 
 class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     lineage_id: str
     dataset_id: str
@@ -124,20 +128,7 @@ class VersionOut(BaseModel):
 
 
 def _job_out(j: Job) -> JobOut:
-    return JobOut(
-        id=j.id,
-        lineage_id=j.lineage_id,
-        dataset_id=j.dataset_id,
-        state=j.state,
-        cancel_requested=j.cancel_requested,
-        attempts=j.attempts,
-        progress=j.progress or {},
-        error=j.error,
-        version_id=j.version_id,
-        created_at=j.created_at,
-        started_at=j.started_at,
-        finished_at=j.finished_at,
-    )
+    return JobOut.model_validate(j)
 
 
 def _version_out(v: Version) -> VersionOut:
@@ -156,15 +147,7 @@ def _version_out(v: Version) -> VersionOut:
 
 
 def _dataset_out(d: Dataset) -> DatasetOut:
-    return DatasetOut(
-        id=d.id,
-        filename=d.filename,
-        sha256=d.sha256,
-        size=d.size,
-        num_classes=d.num_classes,
-        summary=d.summary,
-        created_at=d.created_at,
-    )
+    return DatasetOut.model_validate(d)
 
 
 class _BodyLimit:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from clseg_jax.data import npz
 from clseg_jax.data.base import IGNORE
 from clseg_jax.data.npz import ARRAYS
 
@@ -359,20 +360,13 @@ def _parse_npz(
             arrays = {a: np.asarray(z[a]) for a in ARRAYS}
     except _DECODE_ERRORS as err:
         raise UploadError(f"{where}: cannot be read as .npz ({_line(err)})") from None
+    try:
+        npz.check_arrays(arrays, where)
+    except ValueError as err:
+        raise UploadError(str(err)) from None
     first = size
     for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
-            raise UploadError(
-                f"{where}: x_{split} must be uint8 [N,H,W,3], got {x.dtype} {list(x.shape)}"
-            )
-        if y.shape != x.shape[:3]:
-            raise UploadError(
-                f"{where}: y_{split} must be [N,H,W] = {list(x.shape[:3])} matching x_{split}, "
-                f"got {list(y.shape)}"
-            )
-        if not np.issubdtype(y.dtype, np.integer):
-            raise UploadError(f"{where}: y_{split} must have an integer dtype, got {y.dtype}")
+        y = arrays[f"y_{split}"]
         n, h, w = y.shape
         if not 1 <= n <= limits.max_images:
             raise UploadError(f"{where}: x_{split} has {n} images; need 1..{limits.max_images}")
@@ -384,11 +378,6 @@ def _parse_npz(
                 f"{first[0]}x{first[1]}; all images must share one size"
             )
         first = (h, w)
-        if y.size and y.min() < 0:
-            raise UploadError(
-                f"{where}: y_{split} has negative labels (min {int(y.min())}); "
-                f"use 0..{num_classes - 1} and {IGNORE} = ignore"
-            )
         _check_labels(y, num_classes, f"{where}: y_{split}")
         arrays[f"y_{split}"] = y.astype(np.uint8)
     return arrays
