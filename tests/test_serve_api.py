@@ -135,6 +135,11 @@ def test_bodies_are_typed_and_closed(idle):
         assert client.post("/lineages", json=body, headers=auth["alice"]).status_code == 422
     r = client.post("/lineages", json={"name": "x", "strategy": "nope"}, headers=auth["alice"])
     assert r.status_code == 400 and "unknown strategy 'nope'" in r.json()["detail"]
+    body = {"name": "x", "strategy": "ewc", "strategy_params": {"ewc_lambda": "big"}}
+    r = client.post("/lineages", json=body, headers=auth["alice"])
+    assert r.status_code == 400 and "'ewc_lambda' must be float" in r.json()["detail"]
+    body["strategy_params"] = {"ewc_lambda": 5}  # an int where a float goes is fine
+    assert client.post("/lineages", json=body, headers=auth["alice"]).status_code == 201
     r = client.post("/lineages", json={"name": "x", "image_size": [30, 30]}, headers=auth["alice"])
     assert r.status_code == 400 and "multiples of 4" in r.json()["detail"]
 

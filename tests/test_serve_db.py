@@ -136,3 +136,14 @@ def test_errors_are_one_line_without_credentials():
     err = RuntimeError("connect to postgresql://alice:s3cret@db:5432/x failed\nmore")
     msg = jobs.one_line_error(err)
     assert msg == "RuntimeError: connect to postgresql://alice:***@db:5432/x failed"
+
+
+def test_only_jobs_a_worker_could_take_count_as_ready(engine):
+    first, second = _setup(engine, 2)  # one lineage: the second waits for the first
+    assert jobs.ready_queued(engine, older_than=db.now() + 1) == [first]
+    assert jobs.ready_queued(engine, older_than=0.5) == [first]  # created at 0.0 and 1.0
+    assert jobs.ready_queued(engine, older_than=-1) == []
+    assert jobs.claim(engine, "w", 30) == first
+    assert jobs.ready_queued(engine, older_than=db.now() + 1) == []  # second still waits
+    assert jobs.end(engine, first, "w", "succeeded")
+    assert jobs.ready_queued(engine, older_than=db.now() + 1) == [second]

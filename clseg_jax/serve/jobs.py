@@ -26,13 +26,8 @@ def _claimable(t: float):
     return (Job.state == "queued") | ((Job.state == "running") & (Job.lease_expires_at < t))
 
 
-def claim(engine: sa.Engine, worker: str, lease_s: float, job_id: str | None = None) -> str | None:
-    """Takes the oldest claimable job (or ``job_id`` if claimable) for ``worker``; its id or None.
-
-    Claimable: queued, or running with an expired lease (its worker died), not cancelled, and no
-    earlier job of its lineage still queued or running.
-    """
-    t = db.now()
+def _ready(t: float) -> sa.Select:
+    """Ids of the jobs a worker may claim at time ``t`` (see ``claim``)."""
     earlier = orm.aliased(Job)
     blocked = (
         sa.select(earlier.id)
@@ -43,7 +38,25 @@ def claim(engine: sa.Engine, worker: str, lease_s: float, job_id: str | None = N
         )
         .exists()
     )
-    query = sa.select(Job.id).where(_claimable(t), ~Job.cancel_requested, ~blocked)
+    return sa.select(Job.id).where(_claimable(t), ~Job.cancel_requested, ~blocked)
+
+
+def ready_queued(engine: sa.Engine, older_than: float) -> list[str]:
+    """Queued jobs created before ``older_than`` that a worker could take now (not behind an
+    earlier job of their lineage): those whose queue message may have been lost."""
+    query = _ready(db.now()).where(Job.state == "queued", Job.created_at < older_than)
+    with orm.Session(engine) as s:
+        return list(s.scalars(query))
+
+
+def claim(engine: sa.Engine, worker: str, lease_s: float, job_id: str | None = None) -> str | None:
+    """Takes the oldest claimable job (or ``job_id`` if claimable) for ``worker``; its id or None.
+
+    Claimable: queued, or running with an expired lease (its worker died), not cancelled, and no
+    earlier job of its lineage still queued or running.
+    """
+    t = db.now()
+    query = _ready(t)
     if job_id is not None:
         query = query.where(Job.id == job_id)
     with orm.Session(engine) as s:

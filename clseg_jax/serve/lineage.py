@@ -28,7 +28,6 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from clseg_jax import metrics as metrics_lib
 from clseg_jax import models, strategies, train
 from clseg_jax import step as step_lib
 from clseg_jax.checkpoint import Checkpointer
@@ -60,9 +59,17 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
     out = {**SPEC_DEFAULTS, **spec}
     strategies.names(out["strategy"])
     hparams = strategies.default_hparams()
-    for key in out["strategy_params"]:
+    for key, value in out["strategy_params"].items():
         if key not in hparams:
             raise ValueError(f"unknown strategy parameter {key!r}; valid: {sorted(hparams)}")
+        default = hparams[key]
+        # What ml_collections would accept in place of the default (an int for a float).
+        kinds = (int, float) if type(default) is float else (type(default),)
+        if type(value) not in kinds:
+            raise ValueError(
+                f"strategy parameter {key!r} must be {type(default).__name__} "
+                f"(default {default!r}), got {value!r}"
+            )
     if not 2 <= out["num_classes"] <= 255:
         raise ValueError(f"num_classes must be in 2..255, got {out['num_classes']}")
     if out["kind"] not in ("domain", "class"):
@@ -162,15 +169,11 @@ def version_metrics(results: dict) -> dict:
             return {k: clean(v) for k, v in x.items()}
         return x
 
-    R = results["accuracy_matrix"]
-    summary = metrics_lib.cl_summary(R)
-    per_class = results["per_class"]
+    keys = ("metric", "accuracy_matrix", "avg_miou", "forgetting", "bwt", "avg_incremental")
     return clean(
         {
-            "metric": results["metric"],
-            "accuracy_matrix": R,
-            **{k: summary[k] for k in ("avg_miou", "forgetting", "bwt", "avg_incremental")},
-            "per_class": per_class,
+            **{k: results[k] for k in keys},
+            "per_class": results["per_class"],
             "class_names": results["stream"]["class_names"],
         }
     )

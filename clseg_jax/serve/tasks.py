@@ -84,7 +84,8 @@ def register(app: Celery, settings: Settings) -> None:
 
 
 class Reaper:
-    """A thread that requeues jobs whose lease expired and republishes stale queued jobs."""
+    """A thread that requeues jobs whose lease expired and republishes queued jobs that a worker
+    could take but none has for a lease's time (their message may be lost)."""
 
     def __init__(self, settings: Settings, engine: sa.Engine, app: Celery, period_s: float = 0):
         self.settings, self.engine, self.app = settings, engine, app
@@ -101,13 +102,8 @@ class Reaper:
 
     def once(self) -> list[str]:
         ids = set(jobs.reap(self.engine, self.settings.max_attempts))
-        stale = db.now() - self.settings.lease_s
-        with orm.Session(self.engine) as s:
-            ids |= set(
-                s.scalars(
-                    sa.select(db.Job.id).where(db.Job.state == "queued", db.Job.created_at < stale)
-                )
-            )
+        # Jobs behind an earlier one of their lineage are published when that one ends.
+        ids |= set(jobs.ready_queued(self.engine, db.now() - self.settings.lease_s))
         for job_id in sorted(ids):
             self.app.send_task(TASK, args=[job_id])
         return sorted(ids)
