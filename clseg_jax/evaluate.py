@@ -13,6 +13,7 @@ compiled step (replicated), so one program serves every phase.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -249,10 +250,41 @@ class Evaluator:
         ]
 
     def score(self, stat: np.ndarray, experience: int) -> float:
-        """The accuracy-matrix entry of one statistic: mIoU, accuracy, or the mean AP over the
-        experience's own classes (multi-label)."""
+        """The accuracy-matrix entry of one statistic (``Task.score``): mIoU, accuracy, or the
+        mean AP over the experience's own classes (multi-label)."""
+        return self.task.score(stat, self.stream.experiences[experience].classes)
+
+    def after_phase(
+        self, params, batch_stats, sstate, phase: base.Phase, task_il: bool = False
+    ) -> PhaseEval:
+        """Everything measured after a phase: one row of R, and where the run asks for them the
+        task-incremental row, the multi-label overall mAP and the full-test-set confusion."""
+        sstate = self._sstate(sstate)
+        row = self.row(params, batch_stats, phase.class_mask, sstate)
+        row_task_il = self.row_task_il(params, batch_stats, sstate) if task_il else []
+        overall = None
         if self.task.metric == "map":
-            return metrics.nanmean(stat[list(self.stream.experiences[experience].classes)])
-        if self.task.metric == "accuracy":
-            return metrics.accuracy(stat)
-        return metrics.miou(stat)
+            upto = max(phase.experiences)
+            overall = self.overall_map(params, batch_stats, range(upto + 1), phase.seen_classes)
+        full = None
+        if self.stream.test is not None:
+            full = self.full_test(
+                params, batch_stats, phase.seen_classes, phase.class_mask, sstate
+            )
+        return PhaseEval(row, row_task_il, overall, full)
+
+
+class PhaseEval(NamedTuple):
+    """What ``Evaluator.after_phase`` measured.
+
+    Attributes:
+      row: one statistic per experience's test set (``[K,K]`` confusion or ``[K]`` APs).
+      row_task_il: the same with predictions limited to each experience's classes, or [].
+      overall: multi-label mAP over the seen classes on the seen tasks' images, or None.
+      full: ``[K,K]`` confusion on the stream's full test set, or None if it has none.
+    """
+
+    row: list[np.ndarray]
+    row_task_il: list[np.ndarray]
+    overall: float | None
+    full: np.ndarray | None

@@ -1,8 +1,9 @@
 """The train step: a pure function of pytrees, compiled once for a whole stream.
 
-``make_train_step`` returns the function that ``train`` jits with explicit shardings and buffer
-donation and compiles ahead of time once per (shapes, strategy); the strategy state and the class
-mask are arguments, so no phase of the stream recompiles it. Metrics accumulate on device in a
+``make_train_step`` returns the function; ``jit_train_step`` jits it with explicit shardings
+(``array_shardings``) and buffer donation, and ``compile_train_step`` compiles that ahead of time
+once per (shapes, strategy); the strategy state and the class mask are arguments, so no phase of
+the stream recompiles it. Metrics accumulate on device in a
 ``clu.metrics`` collection that the host reads only at log steps.
 """
 
@@ -18,7 +19,7 @@ import optax
 from clu import metrics as clu_metrics
 from flax import nnx
 
-from clseg_jax import losses, tasks
+from clseg_jax import losses, sharding, tasks
 from clseg_jax.strategies import base
 
 PyTree = Any
@@ -244,3 +245,67 @@ def make_train_step(
         return new_state, sstate, metrics, monitor
 
     return step
+
+
+def array_shardings(arrays: dict, mesh, rules=()) -> dict:
+    """Shardings of a run's arrays ``{"state", "sstate"[, "rng"]}``: params (and their optimizer
+    moments) by the config's rules, everything else replicated."""
+    repl = sharding.replicated(mesh)
+    state = arrays["state"]
+    out = {
+        "state": TrainState(
+            sharding.tree_shardings(state.params, mesh, rules),
+            jax.tree.map(lambda _: repl, state.batch_stats),
+            sharding.tree_shardings(state.opt_state, mesh, rules),
+            repl,
+        ),
+        "sstate": jax.tree.map(lambda _: repl, arrays["sstate"]),
+    }
+    if "rng" in arrays:
+        out["rng"] = repl
+    return out
+
+
+def jit_train_step(step: Callable, shardings: dict, mesh) -> Callable:
+    """``jax.jit`` of a train step with explicit shardings and the carried state donated.
+
+    Batch split over the data axis; key and class mask replicated.
+    """
+    repl = sharding.replicated(mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    metric_sh = jax.tree.map(lambda _: repl, TrainMetrics.empty())
+    carried = (shardings["state"], shardings["sstate"], metric_sh, Monitor(repl))
+    return jax.jit(
+        step,
+        in_shardings=(*carried, {"image": batch_sh, "label": batch_sh}, repl, repl),
+        out_shardings=carried,
+        donate_argnums=(0, 1, 2, 3),
+    )
+
+
+def compile_train_step(
+    jitted: Callable,
+    arrays: dict,
+    mesh,
+    batch_size: int,
+    image_shape: tuple[int, ...],
+    label_shape: tuple[int, ...],
+    num_classes: int,
+):
+    """Compiles a ``jit_train_step`` ahead of time for ``batch_size`` rows of these shapes;
+    a call with other shapes fails instead of recompiling."""
+    batch_sh = sharding.batch_sharding(mesh)
+    batch = {
+        "image": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.uint8, sharding=batch_sh),
+        "label": jax.ShapeDtypeStruct((batch_size, *label_shape), jnp.uint8, sharding=batch_sh),
+    }
+    mask = jax.ShapeDtypeStruct((num_classes,), jnp.bool_, sharding=sharding.replicated(mesh))
+    return jitted.lower(
+        arrays["state"],
+        arrays["sstate"],
+        TrainMetrics.empty(),
+        new_monitor(),
+        batch,
+        arrays["rng"],
+        mask,
+    ).compile()

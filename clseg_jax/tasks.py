@@ -12,12 +12,13 @@ Labels equal to 255 are ignored everywhere (padding rows, unlabelled pixels or e
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
+import numpy as np
 
-from clseg_jax import losses
+from clseg_jax import losses, metrics
 
 
 class Task(NamedTuple):
@@ -27,12 +28,18 @@ class Task(NamedTuple):
     loss: ``loss(masked_logits, labels, class_mask) -> scalar``; masked logits are ``NEG``
       outside ``class_mask``.
     accuracy: ``accuracy(masked_logits, labels, class_mask) -> scalar``, logged while training.
+    per_class: ``per_class(stat) -> [K]`` float, from one test set's statistic (a ``[K,K]``
+      confusion, or ``[K]`` APs for multi-label): IoU, recall or AP per class (NaN if absent).
+    score: ``score(stat, own_classes) -> float``, the accuracy-matrix entry of a statistic;
+      ``own_classes`` are the experience's own classes (multi-label averages APs over them).
     """
 
     name: str
     metric: str
     loss: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
     accuracy: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+    per_class: Callable[[np.ndarray], np.ndarray]
+    score: Callable[[np.ndarray, Sequence[int]], float]
 
 
 def _softmax_ce(logits, labels, class_mask):
@@ -45,9 +52,38 @@ def _argmax_accuracy(logits, labels, class_mask):
     return losses.pixel_accuracy(logits, labels)
 
 
-SEGMENTATION = Task("segmentation", "miou", _softmax_ce, _argmax_accuracy)
-CLASSIFICATION = Task("classification", "accuracy", _softmax_ce, _argmax_accuracy)
-MULTILABEL = Task("multilabel", "map", losses.binary_cross_entropy, losses.multilabel_accuracy)
+def _recall_per_class(conf: np.ndarray) -> np.ndarray:
+    conf = np.asarray(conf, np.float64)
+    total = conf.sum(axis=1)
+    out = np.full(len(conf), np.nan)
+    np.divide(np.diag(conf), total, out=out, where=total > 0)
+    return out
+
+
+SEGMENTATION = Task(
+    "segmentation",
+    "miou",
+    _softmax_ce,
+    _argmax_accuracy,
+    per_class=metrics.iou_per_class,
+    score=lambda conf, own: metrics.miou(conf),
+)
+CLASSIFICATION = Task(
+    "classification",
+    "accuracy",
+    _softmax_ce,
+    _argmax_accuracy,
+    per_class=_recall_per_class,
+    score=lambda conf, own: metrics.accuracy(conf),
+)
+MULTILABEL = Task(
+    "multilabel",
+    "map",
+    losses.binary_cross_entropy,
+    losses.multilabel_accuracy,
+    per_class=np.asarray,
+    score=lambda aps, own: metrics.nanmean(np.asarray(aps)[list(own)]),
+)
 
 
 def for_stream(kind: str, label_shape: tuple[int, ...]) -> Task:

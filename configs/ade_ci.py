@@ -16,7 +16,8 @@ old / new / all mIoU (PLOP Table 2, overlapped; the MiB row is PLOP's re-run of 
 
 from __future__ import annotations
 
-from configs import common, voc_ci
+from clseg_jax import config as config_lib
+from configs import voc_ci
 
 METHODS = voc_ci.METHODS
 
@@ -41,7 +42,7 @@ def get_config(arg: str | None = None):
         "root": "data/ADEChallengeData2016",
         "epochs": 60,
     }
-    c = voc_ci.make(common.parse_arg(arg, **args), "ade", ADE_CLASSES)
+    c = voc_ci.make(config_lib.parse_arg(arg, **args), "ade", ADE_CLASSES)
     if not c.data.name.startswith("tiny"):
         # PAPER's rows are PLOP's table, which scores ADE's "other" (0) as background.
         c.data.test_other = "background"

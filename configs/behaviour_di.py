@@ -16,7 +16,7 @@ half-decade steps, see experiments/README.md); the registry defaults stay the pa
 
 from __future__ import annotations
 
-from configs import common
+from clseg_jax import config as config_lib
 
 # Strength per strategy on this stream. The sample counts keep the between-look Fisher/importance
 # passes to two vectorised batches.
@@ -34,8 +34,8 @@ EXAMPLE_ARGS = (None, "compare", *(f"strategy={s}" for s in TUNED))
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, strategy="naive", compare=False, seed=0)
-    c = common.base_config()
+    a = config_lib.parse_arg(arg, strategy="naive", compare=False, seed=0)
+    c = config_lib.base_config()
     c.seed = a.seed
     c.data.name = "shapes_di"
     c.data.seed = a.seed

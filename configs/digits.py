@@ -11,16 +11,16 @@
 
 from __future__ import annotations
 
-from configs import common
+from clseg_jax import config as config_lib
 
 EXAMPLE_ARGS = ("scenario=class", "scenario=domain,strategy=cumulative")
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, scenario="class", strategy="naive", compare=False, seed=0)
+    a = config_lib.parse_arg(arg, scenario="class", strategy="naive", compare=False, seed=0)
     if a.scenario not in ("class", "domain"):
         raise ValueError(f"unknown scenario {a.scenario!r}; valid: class, domain")
-    c = common.base_config()
+    c = config_lib.base_config()
     c.seed = a.seed
     c.data.name = "digits_ci" if a.scenario == "class" else "digits_di"
     c.data.seed = a.seed

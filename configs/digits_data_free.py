@@ -21,7 +21,8 @@ CPU-sized (a run takes about a minute on two cores); the README lists what these
 
 from __future__ import annotations
 
-from configs import common, split_digits
+from clseg_jax import config as config_lib
+from configs import split_digits
 
 EXAMPLE_ARGS = (
     None,
@@ -52,7 +53,7 @@ CCSI = {
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, strategy="naive", compare=False, seed=0, model="plain")
+    a = config_lib.parse_arg(arg, strategy="naive", compare=False, seed=0, model="plain")
     if a.model not in ("plain", "ccsi"):
         raise ValueError(f"model must be 'plain' or 'ccsi', got {a.model!r}")
     c = split_digits.get_config(f"strategy={a.strategy},seed={a.seed}")

@@ -35,7 +35,7 @@ is developed; the README's MedMNIST table is filled from runs of the commands ab
 
 from __future__ import annotations
 
-from configs import common
+from clseg_jax import config as config_lib
 
 EXAMPLE_ARGS = (
     None,
@@ -67,8 +67,8 @@ def parse_steps(steps: str) -> tuple[int, ...]:
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, **ARGS)
-    c = common.base_config()
+    a = config_lib.parse_arg(arg, **ARGS)
+    c = config_lib.base_config()
     c.seed = a.seed
     c.data.name = "medmnist"
     c.data.flag = a.name

@@ -10,14 +10,14 @@ Task t trains on the canvases holding one of its digits, with the other tasks' d
 
 from __future__ import annotations
 
-from configs import common
+from clseg_jax import config as config_lib
 
 EXAMPLE_ARGS = (None, "strategy=ppi", "strategy=lwf", "strategy=replay", "strategy=gem")
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, strategy="naive", compare=False, seed=0)
-    c = common.base_config()
+    a = config_lib.parse_arg(arg, strategy="naive", compare=False, seed=0)
+    c = config_lib.base_config()
     c.seed = a.seed
     c.data.name = "digits_ml"
     c.data.seed = a.seed

@@ -13,14 +13,14 @@ file's training labels are that experience's classes).
 
 from __future__ import annotations
 
-from configs import common
+from clseg_jax import config as config_lib
 
 EXAMPLE_ARGS = (None, "strategy=joint")
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, strategy="naive", seed=0)
-    c = common.base_config()
+    a = config_lib.parse_arg(arg, strategy="naive", seed=0)
+    c = config_lib.base_config()
     c.seed = a.seed
     c.data.name = "npz"
     c.data.path = ""

@@ -10,14 +10,14 @@ old/new/all mIoU per step.
 
 from __future__ import annotations
 
-from configs import common
+from clseg_jax import config as config_lib
 
 EXAMPLE_ARGS = (None, "strategy=joint", "steps=1-1-1-1")
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, strategy="naive", compare=False, seed=0, steps="2-2")
-    c = common.base_config()
+    a = config_lib.parse_arg(arg, strategy="naive", compare=False, seed=0, steps="2-2")
+    c = config_lib.base_config()
     c.seed = a.seed
     c.data.name = "shapes_ci"
     c.data.seed = a.seed

@@ -17,7 +17,7 @@ FWT 0.097, mean diag 0.516; joint avg mIoU 0.355 (4 min 11 s for both, shared CP
 
 from __future__ import annotations
 
-from configs import common
+from clseg_jax import config as config_lib
 
 EXAMPLE_ARGS = (
     None,
@@ -28,8 +28,8 @@ EXAMPLE_ARGS = (
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, strategy="naive", compare=False, seed=0, train_per_exp=1024)
-    c = common.base_config()
+    a = config_lib.parse_arg(arg, strategy="naive", compare=False, seed=0, train_per_exp=1024)
+    c = config_lib.base_config()
     c.seed = a.seed
     c.data.name = "shapes_di"
     c.data.seed = a.seed

@@ -13,7 +13,7 @@ classes), and ``results.json["task_il"]`` is the matrix that counts.
 
 from __future__ import annotations
 
-from configs import common
+from clseg_jax import config as config_lib
 
 EXAMPLE_ARGS = (
     None,
@@ -38,8 +38,8 @@ MEMORY = {
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, strategy="naive", compare=False, seed=0, task_il=False)
-    c = common.base_config()
+    a = config_lib.parse_arg(arg, strategy="naive", compare=False, seed=0, task_il=False)
+    c = config_lib.base_config()
     c.seed = a.seed
     c.data.name = "digits_cls"
     c.data.seed = a.seed

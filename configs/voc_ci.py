@@ -27,7 +27,7 @@ protocol must then fit 4 classes (e.g. ``task=3-1``).
 
 from __future__ import annotations
 
-from configs import common
+from clseg_jax import config as config_lib
 
 # method -> (strategy name, strategy fields); the paper's hyperparameters for that method.
 METHODS: dict[str, tuple[str, dict]] = {
@@ -84,14 +84,14 @@ ARGS = dict(
 
 
 def get_config(arg: str | None = None):
-    return make(common.parse_arg(arg, **ARGS), "voc", VOC_CLASSES)
+    return make(config_lib.parse_arg(arg, **ARGS), "voc", VOC_CLASSES)
 
 
 def make(a, dataset: str, num_classes: int):
     """The config of one table row on ``dataset`` ("voc" | "ade") from parsed arguments."""
     if a.method not in METHODS:
         raise ValueError(f"unknown method {a.method!r}; valid: {sorted(METHODS)}")
-    c = common.base_config()
+    c = config_lib.base_config()
     c.seed = a.seed
     c.data.seed = a.seed
     c.data.protocol = a.task

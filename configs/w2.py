@@ -12,7 +12,7 @@ which are the registry defaults except EWC's sample count.
 
 from __future__ import annotations
 
-from configs import common
+from clseg_jax import config as config_lib
 
 EXAMPLE_ARGS = (None, "compare", *(f"strategy={s}" for s in ("ewc", "si", "mas", "lfl", "lwf")))
 STRATEGIES = (
@@ -32,8 +32,8 @@ STRATEGIES = (
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, strategy="naive", compare=False, seed=0)
-    c = common.base_config()
+    a = config_lib.parse_arg(arg, strategy="naive", compare=False, seed=0)
+    c = config_lib.base_config()
     c.seed = a.seed
     c.data.name = "shapes_di"
     c.data.seed = a.seed

@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clseg_jax import losses, models, sharding, strategies
 from clseg_jax import step as step_lib
-from clseg_jax import train as train_lib
 from clseg_jax.strategies import base
 from configs import npz as npz_config
 
@@ -131,9 +130,9 @@ def bench_naive(cfg, batch_size: int, size: int, steps: int, warmup: int):
     mesh = sharding.make_mesh(cfg.sharding.mesh)
     state = step_lib.TrainState(params, stats, tx.init(params), jnp.array(0, jnp.int32))
     arrays = {"state": state, "sstate": strategy.init(params, stats)}
-    shardings = train_lib.array_shardings(arrays, mesh)
+    shardings = step_lib.array_shardings(arrays, mesh)
     arrays = jax.device_put(arrays, shardings)
-    jitted = train_lib.jit_train_step(
+    jitted = step_lib.jit_train_step(
         step_lib.make_train_step(forward, strategy, tx), shardings, mesh
     )
     repl = sharding.replicated(mesh)

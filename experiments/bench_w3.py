@@ -35,7 +35,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clseg_jax import models, sharding, strategies
 from clseg_jax import step as step_lib
-from clseg_jax import train as train_lib
 from clseg_jax.strategies import base
 from experiments.bench_step import _time_steps, _xla_flops, environment, matmul_gflops
 
@@ -90,9 +89,9 @@ def bench(
     mesh = sharding.make_mesh((("data", -1),))
     state = step_lib.TrainState(params, stats, tx.init(params), jnp.array(0, jnp.int32))
     arrays = {"state": state, "sstate": sstate}
-    shardings = train_lib.array_shardings(arrays, mesh)
+    shardings = step_lib.array_shardings(arrays, mesh)
     arrays = jax.device_put(arrays, shardings)
-    jitted = train_lib.jit_train_step(
+    jitted = step_lib.jit_train_step(
         step_lib.make_train_step(forward, strategy, tx), shardings, mesh
     )
     rng = np.random.default_rng(0)

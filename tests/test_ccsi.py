@@ -16,10 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clseg_jax import data, models, sharding, tasks
-from clseg_jax import step as step_lib
-from clseg_jax import train as train_lib
-from clseg_jax.data import loader
+from clseg_jax import data, setup, tasks
+from clseg_jax.data import phases as phases_lib
 from clseg_jax.memory import buffer
 from clseg_jax.models import cosine, layers, resnet
 from clseg_jax.strategies import base, ccsi, snapshot
@@ -439,74 +437,46 @@ def test_three_phases_compile_once_and_keep_no_real_image(tmp_path):
         "head": "cosine",
         "norm": "continual",
     }
+    cfg.batch_size, cfg.epochs = 8, 1
     stream = data.make(cfg.data)
-    graphdef, params, stats = models.init(cfg.model, stream.num_classes, seed=0)
-    forward = step_lib.make_forward(graphdef)
-    example = stream.experiences[0].train[0]
-    env = base.Env(
-        forward,
-        stream.num_classes,
-        len(stream.experiences),
-        image_shape=example["image"].shape,
-        label_shape=(),
-        task=tasks.CLASSIFICATION,
+    strategy_cfg = _cfg(ccsi_mem_size=24)
+    parts = setup.build(
+        cfg,
+        lambda env: ccsi.make(strategy_cfg, env, synthesize=ccsi.noise_synthesize),
+        stream=stream,
     )
-    strategy = ccsi.make(_cfg(ccsi_mem_size=24), env, synthesize=ccsi.noise_synthesize)
-    tx = step_lib.make_optimizer(cfg.optimizer, 4)
-    mesh = sharding.make_mesh((("data", -1),))
-    state = step_lib.TrainState(params, stats, tx.init(params), jnp.array(0, jnp.int32))
-    arrays = {"state": state, "sstate": strategy.init(params, stats)}
-    shardings = train_lib.array_shardings(arrays, mesh)
-    arrays = jax.device_put(arrays, shardings)
-    state, sstate = arrays["state"], arrays["sstate"]
-    sig = tiny.signature(sstate)
-    step = train_lib.jit_train_step(
-        step_lib.make_train_step(forward, strategy, tx, env.task), shardings, mesh
-    )
-    repl = sharding.replicated(mesh)
-    key = jax.device_put(jax.random.PRNGKey(0), repl)
-    compiles, seen_images = [], []
-    for phase in train_lib._phases(stream, ((0,), (1,), (2,))):
-        with tiny.CompileCounter() as counter:
-            kernel_before = np.asarray(state.params["head"]["kernel"])
-            new_params, sstate = strategy.before_phase(
-                state.params, state.batch_stats, sstate, phase
-            )
-            kernel_after = np.asarray(new_params["head"]["kernel"])  # the step donates params
-            state, sstate = jax.device_put(
-                (state._replace(params=new_params), sstate),
-                (shardings["state"], shardings["sstate"]),
-            )
-            metrics, monitor = step_lib.TrainMetrics.empty(), step_lib.new_monitor()
-            mask = jax.device_put(jnp.asarray(phase.class_mask), repl)
-            ds = loader.train_dataset(
-                stream.experiences[phase.index].train,
-                phase.class_mask,
-                global_batch=8,
-                epochs=1,
-                seed=0,
-            )
-            for local in ds:
-                batch = sharding.global_batch(local, sharding.batch_sharding(mesh))
-                state, sstate, metrics, monitor = step(
-                    state, sstate, metrics, monitor, batch, key, mask
-                )
-            sstate = strategy.after_phase(state.params, state.batch_stats, sstate, phase)
-            sstate = jax.device_put(sstate, shardings["sstate"])
-            jax.block_until_ready((state, sstate))
-        compiles.append(counter.count)
+    sig = tiny.signature(parts.arrays["sstate"])
+    kernels, seen_images = {}, []
+    last_kernel = [np.asarray(parts.arrays["state"].params["head"]["kernel"])]
+
+    def on_begin(phase, state, sstate):
+        # Copies: the step donates the parameters.
+        kernels[phase.index] = (last_kernel[0], np.asarray(state.params["head"]["kernel"]))
+
+    def on_end(phase, state, sstate):
+        last_kernel[0] = np.asarray(state.params["head"]["kernel"])
         assert tiny.signature(sstate) == sig
-        assert np.isfinite(float(metrics.compute()["loss"]))
-        assert int(monitor.first_bad_step) == -1
+        kernel_before, kernel_after = kernels[phase.index]
         new_cols = list(phase.new_classes)
         moved = np.abs(kernel_after[:, new_cols] - kernel_before[:, new_cols])
         assert (moved.max() > 0) == (phase.index > 0)  # imprinted from the second phase on
-        seen_images += [np.asarray(b["image"]) for b in phase.batches(64)]
+        seen_images.extend(np.asarray(b["image"]) for b in phase.batches(64))
         if phase.index < 2:  # synthesised after every phase but the last
             mem = buffer.to_host(sstate.memory)
             assert mem["valid"].sum() == 24
             assert set(mem["label"][mem["valid"]]) == set(phase.seen_classes)
-    assert compiles[0] > 0 and compiles[1:] == [0, 0], compiles
+
+    driven = tiny.drive(
+        parts,
+        phases_lib.make(stream, ((0,), (1,), (2,))),
+        evaluate=False,
+        on_begin=on_begin,
+        on_end=on_end,
+    )
+    sstate = driven.sstate
+    assert all(np.isfinite(m["loss"]) for m in driven.metrics)
+    assert driven.first_bad_step == [-1, -1, -1]
+    assert driven.compiles[0] > 0 and driven.compiles[1:] == [0, 0], driven.compiles
 
     images = np.concatenate(seen_images)
     assert np.asarray(sstate.has_mean).sum() == stream.num_classes

@@ -8,14 +8,14 @@ import os
 
 import pytest
 
-from clseg_jax import data, models, strategies, train
-from configs import common
+from clseg_jax import config as config_lib
+from clseg_jax import data, models, setup, strategies
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
     os.path.basename(p)[:-3]
     for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-    if not os.path.basename(p).startswith(("_", "common"))
+    if not os.path.basename(p).startswith("_")
 )
 
 
@@ -26,7 +26,7 @@ def test_config_loads_and_names_resolve(name):
     args = getattr(module, "EXAMPLE_ARGS", (None,))
     for arg in args:
         cfg = module.get_config(arg)
-        train.validate_names(cfg)
+        setup.validate_names(cfg)
         assert cfg.data.name in data.DATASETS
         assert cfg.model.name in models.MODELS
         for s in (cfg.strategy.name, *cfg.get("compare", ())):
@@ -34,7 +34,9 @@ def test_config_loads_and_names_resolve(name):
 
 
 def test_parse_arg_types_and_errors():
-    a = common.parse_arg("strategy=joint,seed=3,compare", strategy="naive", seed=0, compare=False)
+    a = config_lib.parse_arg(
+        "strategy=joint,seed=3,compare", strategy="naive", seed=0, compare=False
+    )
     assert (a.strategy, a.seed, a.compare) == ("joint", 3, True)
     with pytest.raises(ValueError, match="unknown config argument 'sede'"):
-        common.parse_arg("sede=1", seed=0)
+        config_lib.parse_arg("sede=1", seed=0)

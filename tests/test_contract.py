@@ -9,15 +9,11 @@ an orbax round-trip and the loss stays finite.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clseg_jax import checkpoint, data, models, sharding, strategies, tasks
-from clseg_jax import step as step_lib
-from clseg_jax import train as train_lib
-from clseg_jax.data import loader
-from clseg_jax.strategies import base
+from clseg_jax import checkpoint, data, setup, strategies
+from clseg_jax.data import phases as phases_lib
 from configs import multilabel_digits, split_digits
 from tests import tiny
 
@@ -45,9 +41,7 @@ def setups():
     def get(task):
         if task not in cache:
             cfg = _config(task)
-            stream = data.make(cfg.data)
-            graphdef, params, stats = models.init(cfg.model, stream.num_classes, seed=0)
-            cache[task] = cfg, stream, graphdef, params, stats
+            cache[task] = cfg, data.make(cfg.data)
         return cache[task]
 
     return get
@@ -55,7 +49,7 @@ def setups():
 
 @pytest.mark.parametrize("name", sorted(strategies.STRATEGIES))
 def test_strategy_contract(name, setups, tmp_path):
-    cfg, stream, graphdef, params, stats = setups(TASK_OF.get(name, "segmentation"))
+    cfg, stream = setups(TASK_OF.get(name, "segmentation"))
     cfg = cfg.copy_and_resolve_references()
     cfg.strategy.name = name
     if name == "recall":  # replay images must come from somewhere: noise stands in for the web
@@ -68,67 +62,16 @@ def test_strategy_contract(name, setups, tmp_path):
         cfg.strategy.di_iterations = 3
         cfg.strategy.di_mem_size = 16
         cfg.strategy.di_replay_batch = 4
-    forward = step_lib.make_forward(graphdef)
-    example = stream.experiences[0].train[0]
-    env = base.Env(
-        forward,
-        stream.num_classes,
-        len(stream.experiences),
-        image_shape=example["image"].shape,
-        label_shape=example["label"].shape,
-        task=tasks.for_stream(stream.kind, example["label"].shape),
-        graphdef=graphdef,
-    )
-    strategy = strategies.make(cfg.strategy, env)
-    tx = step_lib.make_optimizer(cfg.optimizer, 4)
-    mesh = sharding.make_mesh((("data", -1),))
-    params, stats = jax.tree.map(jnp.copy, (params, stats))  # the step donates its inputs
-    state = step_lib.TrainState(params, stats, tx.init(params), jnp.array(0, jnp.int32))
-    arrays = {"state": state, "sstate": strategy.init(params, stats)}
-    shardings = train_lib.array_shardings(arrays, mesh)
-    arrays = jax.device_put(arrays, shardings)
-    state, sstate = arrays["state"], arrays["sstate"]
-    sig = tiny.signature(sstate)
-    # The trainer's jit, not its AOT executable: a changed shape, sharding or captured constant
-    # would recompile here, and show in the count.
-    step = train_lib.jit_train_step(
-        step_lib.make_train_step(forward, strategy, tx, env.task), shardings, mesh
-    )
-    repl = sharding.replicated(mesh)
+    cfg.batch_size, cfg.epochs = 8, 1
+    parts = setup.build(cfg, stream=stream)
+    sig = tiny.signature(parts.arrays["sstate"])
     # Drive three experiences one by one whatever the strategy's own schedule.
-    phases = train_lib._phases(stream, tuple((i,) for i in range(3)))
-    key = jax.device_put(jax.random.PRNGKey(0), repl)
-    compiles = []
-    for phase in phases:
-        with tiny.CompileCounter() as counter:
-            new_params, sstate = strategy.before_phase(
-                state.params, state.batch_stats, sstate, phase
-            )
-            state, sstate = jax.device_put(
-                (state._replace(params=new_params), sstate),
-                (shardings["state"], shardings["sstate"]),
-            )
-            metrics, monitor = step_lib.TrainMetrics.empty(), step_lib.new_monitor()
-            ds = loader.train_dataset(
-                stream.experiences[phase.index].train,
-                phase.class_mask,
-                global_batch=8,
-                epochs=1,
-                seed=phase.index,
-            )
-            mask = jax.device_put(jnp.asarray(phase.class_mask), repl)
-            for local in ds:
-                batch = sharding.global_batch(local, sharding.batch_sharding(mesh))
-                state, sstate, metrics, monitor = step(
-                    state, sstate, metrics, monitor, batch, key, mask
-                )
-            sstate = strategy.after_phase(state.params, state.batch_stats, sstate, phase)
-            jax.block_until_ready((state, sstate))
-        compiles.append(counter.count)
-        assert tiny.signature(sstate) == sig, f"{name}: strategy state changed tree/shape/dtype"
-        values = metrics.compute()
-        assert np.isfinite(float(values["loss"])), f"{name}: non-finite loss"
-        assert int(monitor.first_bad_step) == -1
+    driven = tiny.drive(parts, phases_lib.make(stream, ((0,), (1,), (2,))), evaluate=False)
+    state, sstate = driven.state, driven.sstate
+    assert tiny.signature(sstate) == sig, f"{name}: strategy state changed tree/shape/dtype"
+    assert all(np.isfinite(m["loss"]) for m in driven.metrics), f"{name}: non-finite loss"
+    assert driven.first_bad_step == [-1, -1, -1]
+    compiles = driven.compiles
     assert compiles[0] > 0
     assert compiles[1] == 0 and compiles[2] == 0, f"{name} recompiled: {compiles}"
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from clseg_jax import compiles as compiles_lib
 from clseg_jax.models import layers
 from clseg_jax.synthesis import deepinversion as di
-from tests.tiny import CompileCounter
 
 SIZE = 8
 K = 4
@@ -83,7 +83,7 @@ def first_run(teacher):
     """The first call of the plain program, compiles counted."""
     fn, tvars = teacher
     key = jax.random.key(0)
-    with CompileCounter() as counter:
+    with compiles_lib.Counter() as counter:
         images, info = di.synthesize(
             fn, tvars, TARGETS, key, CFG, image_shape=(SIZE, SIZE, 3), loop="scan"
         )
@@ -240,7 +240,7 @@ def test_whole_loop_is_one_compiled_program(teacher, first_run):
     # Another key and other coefficients (traced floats) reuse the program.
     cfg = CFG._replace(lr=0.2, tv_l2=1e-3, bn_scale=0.1, first_bn_multiplier=5.0)
     targets, key = (TARGETS + 1) % K, jax.random.key(5)
-    with CompileCounter() as counter:
+    with compiles_lib.Counter() as counter:
         out = di.synthesize(fn, tvars, targets, key, cfg, image_shape=(SIZE, SIZE, 3), loop="scan")
         jax.block_until_ready(out)
     assert counter.count == 0
@@ -255,7 +255,7 @@ def test_host_loop_equals_the_scan_and_compiles_once(teacher, first_run):
     for k in ("main", "bn", "lr"):
         np.testing.assert_allclose(host_info[k], info[k], rtol=1e-3, atol=1e-5)
     # The iteration is one program for every i: another run compiles nothing.
-    with CompileCounter() as counter:
+    with compiles_lib.Counter() as counter:
         out = di.synthesize(
             fn,
             tvars,
@@ -462,11 +462,10 @@ def test_abd_terms_match_numpy():
 def test_strategy_memory_holds_only_inverted_images_of_the_seen_classes():
     import ml_collections
 
-    from clseg_jax import data, models, tasks
+    from clseg_jax import data, models, setup
     from clseg_jax import step as step_lib
-    from clseg_jax import train as train_lib
+    from clseg_jax.data import phases as phases_lib
     from clseg_jax.memory import buffer
-    from clseg_jax.strategies import base
     from clseg_jax.strategies import deepinversion as strat
     from configs import split_digits
 
@@ -477,15 +476,7 @@ def test_strategy_memory_holds_only_inverted_images_of_the_seen_classes():
     stream = data.make(cfg.data)
     graphdef, params, stats = models.init(cfg.model, stream.num_classes, seed=0)
     shape = stream.experiences[0].train[0]["image"].shape
-    env = base.Env(
-        step_lib.make_forward(graphdef),
-        stream.num_classes,
-        len(stream.experiences),
-        image_shape=shape,
-        label_shape=(),
-        task=tasks.CLASSIFICATION,
-        graphdef=graphdef,
-    )
+    env = setup.make_env(stream, step_lib.make_forward(graphdef), graphdef)
     s_cfg = ml_collections.ConfigDict(
         {**strat.DEFAULTS, "di_mem_size": 12, "di_replay_batch": 4, "di_iterations": 3}
     )
@@ -493,7 +484,7 @@ def test_strategy_memory_holds_only_inverted_images_of_the_seen_classes():
     assert strategy.replaces_task_loss  # classification: ABD's loss
     sstate = strategy.init(params, stats)
     real = []
-    for phase in train_lib._phases(stream, ((0,), (1,), (2,))):
+    for phase in phases_lib.make(stream, ((0,), (1,), (2,))):
         real += [np.asarray(b["image"]) for b in phase.batches(64)]
         sstate = strategy.after_phase(params, stats, sstate, phase)
         mem = buffer.to_host(sstate.memory)

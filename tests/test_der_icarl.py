@@ -15,10 +15,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from clseg_jax import checkpoint, data, evaluate, losses, models, sharding, tasks
-from clseg_jax import step as step_lib
-from clseg_jax import train as train_lib
-from clseg_jax.data import loader
+from clseg_jax import checkpoint, data, evaluate, losses, models, setup, tasks
+from clseg_jax.data import phases as phases_lib
 from clseg_jax.memory import buffer
 from clseg_jax.strategies import base, der, icarl
 from configs import split_digits
@@ -301,63 +299,20 @@ def digits():
 def test_contract_on_class_incremental_digits(module, digits, tmp_path):
     """Three phases through the trainer's jit and the Evaluator: no recompiles after the first,
     a state of fixed tree/shapes, finite losses, an orbax round trip."""
-    cfg, stream, graphdef, params, stats = digits
-    forward = step_lib.make_forward(graphdef)
-    example = stream.experiences[0].train[0]
-    task = tasks.CLASSIFICATION
-    env = base.Env(
-        forward,
-        stream.num_classes,
-        len(stream.experiences),
-        image_shape=example["image"].shape,
-        label_shape=(),
-        task=task,
-    )
-    strategy = module.make(
-        _cfg(der_batch=4, icarl_batch=4, der_mem_size=20, icarl_mem_size=20), env
-    )
-    tx = step_lib.make_optimizer(cfg.optimizer, 4)
-    mesh = sharding.make_mesh((("data", -1),))
-    params, stats = jax.tree.map(jnp.copy, (params, stats))  # the step donates its inputs
-    state = step_lib.TrainState(params, stats, tx.init(params), jnp.array(0, jnp.int32))
-    arrays = {"state": state, "sstate": strategy.init(params, stats)}
-    shardings = train_lib.array_shardings(arrays, mesh)
-    arrays = jax.device_put(arrays, shardings)
-    state, sstate = arrays["state"], arrays["sstate"]
-    sig = tiny.signature(sstate)
-    step = train_lib.jit_train_step(
-        step_lib.make_train_step(forward, strategy, tx, task), shardings, mesh
-    )
-    evaluator = evaluate.Evaluator(forward, stream, mesh, 8, task, predict=strategy.predict)
-    repl = sharding.replicated(mesh)
-    key = jax.device_put(jax.random.PRNGKey(0), repl)
-    compiles = []
-    for phase in train_lib._phases(stream, ((0,), (1,), (2,))):
-        with tiny.CompileCounter() as counter:
-            metrics, monitor = step_lib.TrainMetrics.empty(), step_lib.new_monitor()
-            mask = jax.device_put(jnp.asarray(phase.class_mask), repl)
-            ds = loader.train_dataset(
-                stream.experiences[phase.index].train,
-                phase.class_mask,
-                global_batch=8,
-                epochs=1,
-                seed=0,
-            )
-            for local in ds:
-                batch = sharding.global_batch(local, sharding.batch_sharding(mesh))
-                state, sstate, metrics, monitor = step(
-                    state, sstate, metrics, monitor, batch, key, mask
-                )
-            sstate = strategy.after_phase(state.params, state.batch_stats, sstate, phase)
-            sstate = jax.device_put(sstate, shardings["sstate"])
-            row = evaluator.row(state.params, state.batch_stats, phase.class_mask, sstate)
-            jax.block_until_ready((state, sstate))
-        compiles.append(counter.count)
-        assert tiny.signature(sstate) == sig
-        assert np.isfinite(float(metrics.compute()["loss"]))
-        assert int(monitor.first_bad_step) == -1
-        assert len(row) == 3 and all(int(c.sum()) > 0 for c in row[: phase.index + 1])
-    assert compiles[0] > 0 and compiles[1:] == [0, 0], compiles
+    cfg, stream, *_ = digits
+    cfg = cfg.copy_and_resolve_references()
+    cfg.batch_size, cfg.eval_batch_size, cfg.epochs = 8, 8, 1
+    strategy_cfg = _cfg(der_batch=4, icarl_batch=4, der_mem_size=20, icarl_mem_size=20)
+    parts = setup.build(cfg, lambda env: module.make(strategy_cfg, env), stream=stream)
+    sig = tiny.signature(parts.arrays["sstate"])
+    driven = tiny.drive(parts, phases_lib.make(stream, ((0,), (1,), (2,))))
+    sstate = driven.sstate
+    assert tiny.signature(sstate) == sig
+    assert all(np.isfinite(m["loss"]) for m in driven.metrics)
+    assert driven.first_bad_step == [-1, -1, -1]
+    for i, row in enumerate(driven.rows):
+        assert len(row) == 3 and all(int(c.sum()) > 0 for c in row[: i + 1])
+    assert driven.compiles[0] > 0 and driven.compiles[1:] == [0, 0], driven.compiles
 
     ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
     ckpt.save({"sstate": sstate}, {"phase": 3})

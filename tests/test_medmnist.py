@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from clseg_jax import data, train
+from clseg_jax import data, setup, train
 from clseg_jax.data import medmnist
 from configs import medmnist_ci
 
@@ -288,7 +288,7 @@ def test_config_fields():
     with pytest.raises(ValueError, match="steps must look like 3-2-2-2"):
         medmnist_ci.get_config("steps=3+2")
     for arg in medmnist_ci.EXAMPLE_ARGS:
-        train.validate_names(_registered(medmnist_ci.get_config(arg)))
+        setup.validate_names(_registered(medmnist_ci.get_config(arg)))
 
 
 def _registered(cfg):

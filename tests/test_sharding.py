@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys
     import jax, numpy as np
-    from clseg_jax import sharding, train
+    from clseg_jax import setup, sharding, train
     from tests import tiny
 
     # A short run (2 experiences x 4 steps): float reductions over 8 shards add up in another
@@ -31,8 +31,7 @@ SCRIPT = textwrap.dedent(
     batch = sharding.global_batch(local, sharding.batch_sharding(mesh))
     out["image_shards"] = sorted({tuple(s.data.shape) for s in batch["image"].addressable_shards})
     out["n_shards"] = len(batch["image"].addressable_shards)
-    with train._Run(cfg, sys.argv[1] + "/probe", []) as r:
-        out["all_reduce"] = "all-reduce" in r._compile_step().as_text()
+    out["all_reduce"] = "all-reduce" in setup.compile_step(setup.build(cfg)).as_text()
     for name, mesh_axes in (("one", (("data", 1),)), ("eight", (("data", -1),))):
         c = tiny.config(**SHORT)
         c.sharding.mesh = mesh_axes

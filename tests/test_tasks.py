@@ -10,6 +10,7 @@ import pytest
 from clseg_jax import data, evaluate, losses, metrics, models, sharding, tasks, train
 from clseg_jax import step as step_lib
 from clseg_jax.data import base
+from clseg_jax.data import phases as phases_lib
 from configs import multilabel_digits, split_digits
 
 
@@ -110,7 +111,7 @@ def test_task_incremental_training_masks_each_phase_to_its_classes():
     cfg = split_digits.get_config("task_il")
     stream = data.make(cfg.data)
     schedule = tuple((i,) for i in range(5))
-    for p, e in zip(train._phases(stream, schedule, True), stream.experiences, strict=True):
+    for p, e in zip(phases_lib.make(stream, schedule, True), stream.experiences, strict=True):
         assert np.flatnonzero(p.class_mask).tolist() == list(e.classes)
-    class_il = train._phases(stream, schedule)
+    class_il = phases_lib.make(stream, schedule)
     assert np.flatnonzero(class_il[2].class_mask).tolist() == list(range(6))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
+from clseg_jax import compiles, setup, sharding
 from clseg_jax import step as step_lib
+from clseg_jax.data import phases as phases_lib
 from clseg_jax.models import unet
 from configs import shapes_di
 
@@ -90,22 +95,65 @@ def one_step(forward, strategy, tx, params, stats, sstate, batch, num_classes: i
     )
 
 
-class CompileCounter:
-    """Counts XLA backend compilations through ``jax.monitoring`` while active."""
+class Driven(NamedTuple):
+    """What ``drive`` returns: the final arrays and, per phase, what was seen."""
 
-    def __enter__(self):
-        self.count = 0
+    state: step_lib.TrainState
+    sstate: Any
+    compiles: list[int]  # XLA compiles per phase (hooks, steps, evaluation)
+    metrics: list[dict[str, float]]  # train metrics averaged over each phase
+    first_bad_step: list[int]  # the step monitor after each phase (-1: all finite)
+    rows: list[list[np.ndarray]]  # one accuracy-matrix row of statistics per phase
 
-        def listener(name, _secs, **_):
-            if name == "/jax/core/compile/backend_compile_duration":
-                self.count += 1
 
-        self._listener = listener
-        jax.monitoring.register_event_duration_secs_listener(listener)
-        return self
+def drive(
+    parts: setup.Parts,
+    phases: list | None = None,
+    evaluate: bool = True,
+    on_begin: Callable[[Any, Any, Any], None] | None = None,
+    on_end: Callable[[Any, Any, Any], None] | None = None,
+) -> Driven:
+    """Runs phases the way ``train.run`` does (``setup.begin_phase``, the trainer's jitted step
+    over the phase's batches, ``setup.end_phase``, one row of evaluation), without checkpoints.
 
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listener)
+    ``phases``: defaults to the strategy's schedule; pass ``data.phases.make(stream, schedule)``
+    to drive another. The step is jitted, not compiled ahead of time, so a changed shape or
+    placement recompiles and shows in ``compiles``. ``on_begin(phase, state, sstate)`` sees
+    what ``begin_phase`` made (before the step donates it), ``on_end(phase, state, sstate)`` each
+    phase's end; neither counts towards ``compiles``.
+    """
+    phases = parts.phases if phases is None else phases
+    step = setup.jit_step(parts)
+    state, sstate, key = parts.arrays["state"], parts.arrays["sstate"], parts.arrays["rng"]
+    repl = sharding.replicated(parts.mesh)
+    batch_sh = sharding.batch_sharding(parts.mesh)
+    out = Driven(state, sstate, [], [], [], [])
+    for phase in phases:
+        dataset = phases_lib.train_dataset(parts.stream, phase, parts.config)
+        with compiles.Counter() as counter:
+            state, sstate = setup.begin_phase(parts, state, sstate, phase, steps=len(dataset))
+        count = counter.count
+        if on_begin is not None:
+            on_begin(phase, state, sstate)
+        with compiles.Counter() as counter:
+            metrics, monitor = step_lib.TrainMetrics.empty(), step_lib.new_monitor()
+            mask = jax.device_put(jnp.asarray(phase.class_mask), repl)
+            for local in dataset:
+                batch = sharding.global_batch(local, batch_sh)
+                state, sstate, metrics, monitor = step(
+                    state, sstate, metrics, monitor, batch, key, mask
+                )
+            sstate = setup.end_phase(parts, state, sstate, phase)
+            if evaluate:
+                row = parts.evaluator.row(state.params, state.batch_stats, phase.class_mask, sstate)
+                out.rows.append(row)
+            jax.block_until_ready((state, sstate))
+        out.compiles.append(count + counter.count)
+        out.metrics.append({k: float(v) for k, v in metrics.compute().items()})
+        out.first_bad_step.append(int(monitor.first_bad_step))
+        if on_end is not None:
+            on_end(phase, state, sstate)
+    return out._replace(state=state, sstate=sstate)
 
 
 def signature(tree) -> tuple:

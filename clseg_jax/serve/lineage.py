@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from clseg_jax import config as config_lib
 from clseg_jax import models, strategies, train
 from clseg_jax import step as step_lib
 from clseg_jax.checkpoint import Checkpointer
@@ -99,9 +100,7 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 def train_config(spec: dict[str, Any], data_dir: str) -> ml_collections.ConfigDict:
     """The ``train.run`` config of a lineage whose experiences lie in ``data_dir``."""
-    from configs import common  # the repository's config package (installed beside clseg_jax)
-
-    c = common.base_config()
+    c = config_lib.base_config()
     c.seed = spec["seed"]
     c.data.name = "npz"
     c.data.path = data_dir

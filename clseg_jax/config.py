@@ -1,4 +1,8 @@
-"""Shared config pieces: the base config and ``parse_arg`` for ``file.py:k=v,k2=v2`` families."""
+"""The fields every run has (``base_config``) and ``parse_arg`` for ``file.py:k=v,k2=v2`` families.
+
+In the package, not in ``configs/``, so that every caller (config files, the service, tests)
+builds runs from one definition.
+"""
 
 from __future__ import annotations
 
