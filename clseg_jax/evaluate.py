@@ -268,9 +268,7 @@ class Evaluator:
             overall = self.overall_map(params, batch_stats, range(upto + 1), phase.seen_classes)
         full = None
         if self.stream.test is not None:
-            full = self.full_test(
-                params, batch_stats, phase.seen_classes, phase.class_mask, sstate
-            )
+            full = self.full_test(params, batch_stats, phase.seen_classes, phase.class_mask, sstate)
         return PhaseEval(row, row_task_il, overall, full)
 
 

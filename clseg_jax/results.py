@@ -2,7 +2,7 @@
 
 ``Progress`` is what a run has measured so far; it is saved as checkpoint metadata (JSON), so a
 resumed run reports the phases it did not redo. ``summarize`` turns it into the results dict
-(schema in the README's results section): the accuracy matrix R[i][j] (phase i, experience j),
+(schema in docs/results.md): the accuracy matrix R[i][j] (phase i, experience j),
 the CL summary (average, forgetting, BWT, FWT), per-class figures, and for class-incremental
 segmentation the MiB/PLOP old/new/all mIoU.
 """

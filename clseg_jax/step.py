@@ -213,10 +213,13 @@ def make_train_step(
         (data_loss, task_loss), pullback, (new_stats, inputs) = jax.vjp(
             parts, state.params, has_aux=True
         )
+        # The prepared batch itself, not its copy through vjp's aux: a chain's static row owners
+        # must stay numpy for the gradient transforms' row views.
+        inputs = inputs._replace(batch=batch)
         one, zero = jnp.ones_like(task_loss), jnp.zeros_like(task_loss)
         (grads,) = pullback((one, zero))
         task_grads = None
-        if strategy.needs_task_grads:
+        if base.needs_task_grads(strategy):
             # Without a data-dependent strategy loss the data gradient *is* the task gradient;
             # otherwise SI-like methods pay a second backward pass for it.
             task_grads = pullback((zero, one))[0] if base.has_data_loss(strategy) else grads

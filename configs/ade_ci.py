@@ -1,7 +1,7 @@
 """Class-incremental ADE20K (150 classes): the MiB / PLOP tables' 100-50, 100-10, 50-50, 100-5.
 
 Same family as ``configs/voc_ci.py`` (``task``, ``setting``, ``method``, ``seed``, ``root``); the
-data folder is ``ADEChallengeData2016`` (README "Pascal VOC / ADE20K"). A GPU user reproduces
+data folder is ``ADEChallengeData2016`` (docs/class_incremental.md). A GPU user reproduces
 PLOP's 100-50 row with:
 
   python -m clseg_jax.main \

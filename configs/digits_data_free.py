@@ -15,8 +15,8 @@ Continual Normalization and a cosine head).
       --workdir=runs/digits_df_ccsi
 
 ``model=ccsi`` gives any strategy CCSI's model (``strategy=ccsi`` implies it), for fine-tuning
-on CCSI's model as a reference (the README's table has both fine-tuning rows). The sizes are
-CPU-sized (a run takes about a minute on two cores); the README lists what these runs gave.
+on CCSI's model as a reference (docs/data_free.md's table has both fine-tuning rows). The sizes are
+CPU-sized (a run takes about a minute on two cores); docs/data_free.md lists what these runs gave.
 """
 
 from __future__ import annotations

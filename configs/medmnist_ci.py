@@ -30,7 +30,7 @@ MedMNIST+ files; 128 and 224 px use the ImageNet stem (7x7 stride 2 + max-pool).
 CPU-sized run (256 training / 100 test images per step, ResNet widths 8-64, 3 epochs, batch 16).
 
 Results: none yet. The MedMNIST files are not in this repository and cannot be downloaded where it
-is developed; the README's MedMNIST table is filled from runs of the commands above.
+is developed; docs/data_free.md's MedMNIST table is filled from runs of the commands above.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Any registered strategy on a user folder of ``exp0.npz, exp1.npz, ...`` (README: data formats).
+"""Any registered strategy on a user folder of ``exp0.npz, exp1.npz, ...``.
+
+The folder's format: docs/data_and_models.md.
 
 Defaults are BENCHMARKS.md's W1 recipe: the W1 UNet (widths 16-32-64-128, batch norm, PyTorch
 initialisation), batch 32, SGD lr 0.01 momentum 0.9, 2 epochs per experience, no augmentation.

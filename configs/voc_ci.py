@@ -2,7 +2,7 @@
 
 One family for every row: ``task`` (protocol string), ``setting`` (overlapped | disjoint |
 sequential), ``method`` (see METHODS) and ``seed``. A GPU user reproduces MiB's 15-5 overlapped
-row with (data layout and weight conversion: README "Pascal VOC / ADE20K"):
+row with (data layout and weight conversion: docs/class_incremental.md):
 
   python -m clseg_jax.main \
     --config=configs/voc_ci.py:task=15-5,setting=overlapped,method=mib,root=$VOC,pretrained=$R101 \
@@ -21,7 +21,8 @@ overlapped 54.64 (PLOP, Table 1).
 
 ``tiny`` switches to the built-in generated VOC-layout dataset (4 shape classes, written on first
 use under ``~/.cache/clseg_jax``) with a small UNet: seconds per step on a CPU, what the tests and
-the README's CPU example run (``model=deeplabv3_small`` or ``bisenet_small`` there instead); the
+docs/class_incremental.md's CPU example run (``model=deeplabv3_small`` or ``bisenet_small``
+there instead); the
 protocol must then fit 4 classes (e.g. ``task=3-1``).
 """
 

@@ -1,4 +1,4 @@
-"""The data-free table of the README: fine-tuning, DeepInversion replay and CCSI on split digits.
+"""docs/data_free.md's table: fine-tuning, DeepInversion replay and CCSI on split digits.
 
     python experiments/data_free_table.py --seeds 0,1 --workdir runs/data_free \\
         --out experiments/results/data_free_digits.json

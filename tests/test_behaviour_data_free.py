@@ -3,7 +3,7 @@
 Real MNIST digits in three class-incremental experiences (4, 3, 3 digits), no stored image:
 DeepInversion replay (Always Be Dreaming's loss) and CCSI (class impressions, CN, cosine head)
 each against fine-tuning, the stream's baseline (the plain ResNet; fine-tuning CCSI's model gives
-the same figures to 0.02, README). Each must beat it on the class-incremental matrix
+the same figures to 0.02, docs/data_free.md). Each must beat it on the class-incremental matrix
 (``metrics.beats_reference``: less forgetting, final average >= fine-tuning's, mean diag >= its
 - 0.15) on both seeds.
 

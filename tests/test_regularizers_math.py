@@ -285,7 +285,7 @@ def test_rwalk_scores_and_fisher_on_a_quadratic():
     theta = {"w": np.array([1.0, -2.0, 0.5], np.float32), "b": np.array([[0.3, -0.1]], np.float32)}
     cfg = _cfg(rwalk.DEFAULTS, rwalk_alpha=alpha, rwalk_eps=eps, rwalk_lambda=lam)
     strategy = rwalk.make(cfg, _env(None))
-    assert strategy.needs_task_grads
+    assert base.needs_task_grads(strategy)
     sstate = strategy.init(jax.tree.map(jnp.asarray, theta), {})
     on_step = jax.jit(strategy.on_step)
     fisher, path = None, None

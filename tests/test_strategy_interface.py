@@ -79,9 +79,7 @@ def test_task_grads_exclude_the_penalty(parts):
         return task_grads  # record them
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    strategy = base.Strategy(
-        init=lambda p, s: zeros, loss=penalty, on_step=on_step, needs_task_grads=True
-    )
+    strategy = base.Strategy(init=lambda p, s: zeros, loss=penalty, on_step=on_step)
     _, recorded, *_ = _run(strategy, parts)
     expected = jax.grad(lambda p: _ce(forward, p, stats, batch)[0])(params)
     for a, b in zip(jax.tree.leaves(recorded), jax.tree.leaves(expected), strict=True):
@@ -102,7 +100,6 @@ def test_parameter_penalty_adds_its_gradient_and_leaves_task_grads_alone(parts):
         init=lambda p, s: jax.tree.map(jnp.zeros_like, p),
         penalty=penalty,
         on_step=lambda sstate, task_grads, old, new: task_grads,
-        needs_task_grads=True,
     )
     assert not base.has_data_loss(strategy)  # so no second backward pass is compiled
     new_state, recorded, metrics, _ = _run(strategy, parts)

@@ -15,6 +15,19 @@ from clseg_jax.models import bisenet, deeplab, resnet, unet
 # Tiny CPU variants (tests, smoke runs): ResNet-18-style BasicBlocks at an eighth of the width.
 _SMALL = dict(depth=18, base_width=8)
 
+# The outputs strategies read: every model returns "logits" and "features"; "penultimate" and
+# "pod" where the readers below need them (tests/test_model_outputs.py checks every family).
+OUTPUTS: dict[str, str] = {
+    "logits": "[B,H,W,K] (segmentation) or [B,K] (classification) float32; every strategy, "
+    "the task loss and the evaluator",
+    "features": "[B,h,w,C], the backbone's last feature map; LFL, ILT, CCSI, iCaRL and memory "
+    "herding (pooled by memory.update.pooled_features)",
+    "penultimate": "the head's input: [B,H',W',F] for segmentation, [B,F] for classification "
+    "(F = the head kernel's input size); DeepInversion's ABD loss, CCSI, iCaRL, LFL, PLOP",
+    "pod": "segmentation only: a tuple of [B,h_i,w_i,C_i] maps, the stages then the head's "
+    "input, for PLOP's pooled-output distillation",
+}
+
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     "unet": unet.UNet,
     "resnet18": functools.partial(resnet.ResNet, depth=18),

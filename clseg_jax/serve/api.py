@@ -283,7 +283,7 @@ def create_app(settings: Settings | None = None, start_worker: bool = True) -> F
     def upload_dataset(
         who: Owner,
         s: Session,
-        file: Annotated[UploadFile, File(description="a .zip (README layout) or .npz")],
+        file: Annotated[UploadFile, File(description="a .zip (docs/service.md layout) or .npz")],
         num_classes: Annotated[int, Query(ge=2, le=255)],
     ) -> DatasetOut:
         """Uploads one experience's data; masks are checked against ``num_classes`` classes.

@@ -1,4 +1,4 @@
-"""Example uploads from the built-in shapes stream: the README's session and the tests use them.
+"""Example uploads from the built-in shapes stream, for docs/service.md's session and the tests.
 
 ``experiences`` gives domain-incremental binary shapes (background / shape) under different
 looks, the stream of the library's behaviour tests; ``write_zip`` writes one experience in the

@@ -35,7 +35,7 @@ from clseg_jax.checkpoint import Checkpointer
 from clseg_jax.models import weights as weights_lib
 
 # What a lineage may set, with defaults: a small UNet and a recipe that trains in seconds per
-# experience on a CPU for 64x64 images (the README's session); a GPU deployment raises them.
+# experience on a CPU for 64x64 images (docs/service.md's session); a GPU deployment raises them.
 SPEC_DEFAULTS: dict[str, Any] = {
     "num_classes": 2,
     "image_size": [64, 64],

@@ -109,4 +109,5 @@ def names(spec: str) -> list[str]:
 
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     """Builds ``config.strategy.name`` (chaining '+'-joined names)."""
-    return base.chain(*(STRATEGIES[n](cfg, env) for n in names(cfg.name)))
+    parts = names(cfg.name)
+    return base.chain(*(STRATEGIES[n](cfg, env) for n in parts), names=tuple(parts))

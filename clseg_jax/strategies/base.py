@@ -21,7 +21,7 @@ trainer calls them:
 A strategy that needs a frozen previous model keeps its parameters in ``sstate`` and calls the
 ``forward`` it was built with in eval mode (``train=False``), which reads running statistics and
 updates none. Regularisers that depend on the parameters alone go in ``penalty``: their gradient is
-taken apart from the data backward pass, so ``needs_task_grads`` (SI, RWalk) costs nothing extra
+taken apart from the data backward pass, so an ``on_step`` (SI, RWalk) costs nothing extra
 unless some strategy also adds a data-dependent ``loss`` (then a second backward pass gives the
 task gradient). A strategy that classifies by other means than the head's logits (iCaRL's
 nearest mean of exemplars) sets ``predict``: the compiled evaluation step then takes the strategy
@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from clseg_jax import tasks
@@ -164,6 +165,42 @@ def has_data_loss(strategy: Strategy) -> bool:
     return strategy.loss is not _loss
 
 
+def needs_task_grads(strategy: Strategy) -> bool:
+    """Whether ``strategy.on_step`` is defined, and so receives d(task loss)/d(params) (SI,
+    RWalk); otherwise the step passes None and computes nothing for it."""
+    return strategy.on_step is not _on_step
+
+
+def appends_rows(strategy: Strategy) -> bool:
+    """Whether ``strategy.prepare_batch`` is defined (it appends replayed or synthetic rows)."""
+    return strategy.prepare_batch is not _prepare_batch
+
+
+def place_like(new: PyTree, old: PyTree, cast: bool = True) -> PyTree:
+    """``new`` (host or device values) placed, and typed unless ``cast=False``, as ``old``'s
+    leaves are.
+
+    The one placement helper for strategy state: a hook's new state then matches what the
+    compiled step, the evaluator and the next chained member's compiled passes were built for,
+    and nothing recompiles. Host values go to ``old``'s sharding when it is committed, else to
+    the default device (``device_put``, not ``jnp.asarray``, which compiles a staging program per
+    new shape).
+    """
+
+    def put(x, like):
+        if not isinstance(like, jax.Array):
+            return x
+        dtype = like.dtype if cast else None
+        if isinstance(x, jax.Array):
+            if dtype is not None and x.dtype != dtype:
+                x = x.astype(dtype)
+        else:
+            x = np.asarray(x, dtype)
+        return jax.device_put(x, like.sharding) if like.committed else jax.device_put(x)
+
+    return jax.tree.map(put, new, old)
+
+
 def one_per_experience(num_experiences: int) -> tuple[tuple[int, ...], ...]:
     """The default schedule: phase i trains on experience i alone."""
     return tuple((i,) for i in range(num_experiences))
@@ -183,7 +220,6 @@ class Strategy(NamedTuple):
       after_phase(params, batch_stats, SState, Phase) -> SState                    host side
       schedule(num_experiences) -> tuple of tuples of experience indices, one per phase
       replaces_task_loss: ``loss`` returns the whole objective (MiB, PLOP, BCE heads)
-      needs_task_grads: ``on_step`` receives d(task loss)/d(params), else None
       predict(outputs, SState) -> scores                                           in jit (eval)
         optional evaluation rule (iCaRL's nearest mean of exemplars): ``outputs`` are the raw
         eval-mode outputs, ``scores`` have the logits' shape ``[B,K]`` / ``[B,H,W,K]`` and are
@@ -200,18 +236,51 @@ class Strategy(NamedTuple):
     after_phase: Callable = _after_phase
     schedule: Callable[[int], tuple[tuple[int, ...], ...]] = one_per_experience
     replaces_task_loss: bool = False
-    needs_task_grads: bool = False
     predict: Predict | None = None
 
 
-def chain(*strategies: Strategy) -> Strategy:
+OWNER = "owner"  # the batch key chain adds: int8 [rows], 0 = the experience's own rows
+
+
+def _rows(tree, idx: np.ndarray | slice, total: int):
+    """The rows ``idx`` of every leaf whose leading axis has ``total`` rows; others as they are."""
+    take = lambda x: x[idx] if getattr(x, "ndim", 0) and x.shape[0] == total else x
+    return jax.tree.map(take, tree)
+
+
+def _view_index(owner: np.ndarray, member: int, appends: bool) -> np.ndarray | slice:
+    """Which rows member ``member`` (0-based) sees: the experience's rows and its own if it
+    appends rows, else every row. A slice where contiguous (a cheaper slice than a gather)."""
+    if not appends:
+        return slice(None)
+    idx = np.flatnonzero((owner == 0) | (owner == member + 1))
+    if len(idx) and np.array_equal(idx, np.arange(len(idx))):
+        return slice(0, len(idx))
+    return idx
+
+
+def chain(*strategies: Strategy, names: tuple[str, ...] = ()) -> Strategy:
     """Composes strategies: losses add, gradient transforms apply in order, states form a tuple.
 
     At most one member may replace the task loss (it would otherwise be counted twice or lost) and
     at most one may change the schedule or define ``predict`` (the evaluation rule).
+
+    Rows that members append to a batch (``prepare_batch``: replay, DER, iCaRL, RECALL,
+    DeepInversion, CCSI) carry their owner: the chained batch holds a static ``owner`` array
+    (0 for the experience's rows, ``i + 1`` for member ``i``'s), and a member that appends rows
+    sees, in ``prepare_batch``, ``loss`` and ``transform_grads``, exactly the experience's rows
+    followed by its own, as if it were alone; keys it added to the batch come back to it as it
+    left them. Members that append nothing see every row. So appended rows count through the
+    task loss (and through non-appending members' losses, e.g. MiB's, which see them) and
+    through their owner's loss, never through another appender's. A member that replaces the
+    task loss and appends rows cannot be chained with another appender that does not replace it:
+    that one's rows count only through the task loss, which would be gone.
+
+    ``names``: the members' names, for error messages.
     """
     if len(strategies) == 1:
         return strategies[0]
+    names = tuple(names) or tuple(f"member {i}" for i in range(len(strategies)))
     if sum(s.replaces_task_loss for s in strategies) > 1:
         raise ValueError("chain: at most one strategy may replace the task loss")
     schedules = {s.schedule for s in strategies} - {one_per_experience}
@@ -221,6 +290,15 @@ def chain(*strategies: Strategy) -> Strategy:
     if len(predictor) > 1:
         raise ValueError("chain: at most one strategy may define predict (the evaluation rule)")
     replacer = next((i for i, s in enumerate(strategies) if s.replaces_task_loss), None)
+    appends = [appends_rows(s) for s in strategies]
+    if replacer is not None and appends[replacer]:
+        for i in range(len(strategies)):
+            if appends[i] and i != replacer:
+                raise ValueError(
+                    f"chain: {names[i]}'s rows count only through the task loss, which "
+                    f"{names[replacer]} replaces (it trains on its own rows alone); chain "
+                    f"{names[replacer]} with strategies that append no rows"
+                )
 
     def init(params, batch_stats):
         return tuple(s.init(params, batch_stats) for s in strategies)
@@ -228,21 +306,59 @@ def chain(*strategies: Strategy) -> Strategy:
     def before_phase(params, batch_stats, sstate, phase):
         new = []
         for s, st in zip(strategies, sstate, strict=True):
-            params, st = s.before_phase(params, batch_stats, st, phase)
-            new.append(st)
+            params, out = s.before_phase(params, batch_stats, st, phase)
+            # The next member's hooks (and their compiled passes) see one placement.
+            new.append(place_like(out, st))
         return params, tuple(new)
 
     def prepare_batch(batch, sstate, key):
         keys = jax.random.split(key, len(strategies))
-        for s, st, k in zip(strategies, sstate, keys, strict=True):
-            batch = s.prepare_batch(batch, st, k)
-        return batch
+        total = batch["image"].shape[0]
+        owner = np.zeros(total, np.int8)
+        shared = [k for k in batch if k != OWNER]
+        private: list[dict] = [{} for _ in strategies]
+        for i, (s, st, k) in enumerate(zip(strategies, sstate, keys, strict=True)):
+            if not appends[i]:
+                continue
+            idx = _view_index(owner, i, True)
+            view = {key_: _rows(batch[key_], idx, total) for key_ in shared}
+            out = s.prepare_batch(view, st, k)
+            b = int(np.sum(owner == 0))
+            n = out["image"].shape[0] - b
+            for key_ in shared:
+                if out[key_].shape[0] != b + n:
+                    raise ValueError(
+                        f"chain: {names[i]} left batch[{key_!r}] with {out[key_].shape[0]} rows, "
+                        f"not {b + n}: a strategy that appends rows extends every per-row key"
+                    )
+            # The experience's rows as this member left them (RECALL relabels them), then the
+            # rows of earlier appenders, then this member's.
+            batch = {
+                key_: jnp.concatenate([out[key_][:b], batch[key_][b:], out[key_][b:]])
+                for key_ in shared
+            }
+            owner = np.concatenate([owner, np.full(n, i + 1, np.int8)])
+            total = len(owner)
+            private[i] = {key_: v for key_, v in out.items() if key_ not in shared}
+        return {**batch, OWNER: owner, "_private": tuple(private)}
+
+    def member_inputs(inputs: LossInputs, i: int) -> LossInputs:
+        """Member ``i``'s view of the chained batch and outputs."""
+        batch = inputs.batch
+        if OWNER not in batch:  # no member appended rows
+            return inputs
+        owner = batch[OWNER]
+        idx = _view_index(owner, i, appends[i])
+        total = len(owner)
+        shared = {k: v for k, v in batch.items() if k not in (OWNER, "_private")}
+        view = {**_rows(shared, idx, total), **batch["_private"][i]}
+        return inputs._replace(batch=view, outputs=_rows(inputs.outputs, idx, total))
 
     def loss(inputs, sstate, key):
         keys = jax.random.split(key, len(strategies))
         total, metrics = 0.0, {}
-        for s, st, k in zip(strategies, sstate, keys, strict=True):
-            value, m = s.loss(inputs, st, k)
+        for i, (s, st, k) in enumerate(zip(strategies, sstate, keys, strict=True)):
+            value, m = s.loss(member_inputs(inputs, i), st, k)
             total = total + value
             metrics.update(m)
         # With a replacer, ``total`` is its objective plus the others' penalties.
@@ -258,8 +374,8 @@ def chain(*strategies: Strategy) -> Strategy:
 
     def transform_grads(grads, inputs, sstate, key):
         keys = jax.random.split(key, len(strategies))
-        for s, st, k in zip(strategies, sstate, keys, strict=True):
-            grads = s.transform_grads(grads, inputs, st, k)
+        for i, (s, st, k) in enumerate(zip(strategies, sstate, keys, strict=True)):
+            grads = s.transform_grads(grads, member_inputs(inputs, i), st, k)
         return grads
 
     def on_step(sstate, task_grads, old_params, new_params):
@@ -270,7 +386,7 @@ def chain(*strategies: Strategy) -> Strategy:
 
     def after_phase(params, batch_stats, sstate, phase):
         return tuple(
-            s.after_phase(params, batch_stats, st, phase)
+            place_like(s.after_phase(params, batch_stats, st, phase), st)
             for s, st in zip(strategies, sstate, strict=True)
         )
 
@@ -278,19 +394,18 @@ def chain(*strategies: Strategy) -> Strategy:
         i = predictor[0]
         return strategies[i].predict(outputs, sstate[i])
 
+    # Keep a default hook where no member overrides it: the step derives what to compile from
+    # them (has_data_loss, needs_task_grads, appends_rows).
     return Strategy(
         init=init,
         before_phase=before_phase,
-        prepare_batch=prepare_batch,
-        # Keep the default when no member adds a data loss: the trainer then reuses the data
-        # gradient as the task gradient (see has_data_loss).
+        prepare_batch=prepare_batch if any(appends) else _prepare_batch,
         loss=loss if any(has_data_loss(s) for s in strategies) else _loss,
         penalty=penalty,
         transform_grads=transform_grads,
-        on_step=on_step,
+        on_step=on_step if any(needs_task_grads(s) for s in strategies) else _on_step,
         after_phase=after_phase,
         schedule=next(iter(schedules), one_per_experience),
         replaces_task_loss=replacer is not None,
-        needs_task_grads=any(s.needs_task_grads for s in strategies),
         predict=predict if predictor else None,
     )

@@ -414,9 +414,8 @@ def make(
             kernel = imprint(
                 np.asarray(head["kernel"]), np.concatenate(feats), np.concatenate(labels), new, old
             )
-            # Back where the old kernel lived (same sharding): the step then reuses its program.
-            like = head["kernel"]
-            placed = jax.device_put(kernel.astype(like.dtype), getattr(like, "sharding", None))
+            # Back where the old kernel lived: the step then reuses its program.
+            placed = base.place_like(kernel, head["kernel"])
             params = {**params, "head": {**head, "kernel": placed}}
         mem = buffer.to_host(st.memory)
         counts = counts + np.bincount(mem["label"][mem["valid"]].astype(np.int64), minlength=k)[:k]
@@ -457,10 +456,7 @@ def make(
         seen = inputs.class_mask
         scores = jnp.where(seen, cos, 0.0)  # the code's score vectors span the seen classes only
         pseudo = jax.lax.stop_gradient(jnp.argmax(out["logits"], axis=-1))  # masked to seen
-        synthetic = inputs.batch["synthetic"]
-        extra = labels.shape[0] - synthetic.shape[0]  # rows a strategy chained after us added
-        synthetic = jnp.concatenate([synthetic, jnp.ones(extra, bool)]) if extra else synthetic
-        real = ~synthetic & ok
+        real = ~inputs.batch["synthetic"] & ok
         idc, _, _ = idc_loss(scores, labels, ok, scores, pseudo, real, seen, temperature)
         idc = active * w_idc * idc
         total = ce + kd + mr + idc

@@ -291,10 +291,7 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
             seen=jnp.asarray(size, jnp.int32),
         )
         # Back where the previous memory lived: the compiled step sees the same placements.
-        memory = jax.tree.map(
-            lambda new, old: jax.device_put(new, old.sharding), memory, state.memory
-        )
-        return DIState(snap, memory)
+        return DIState(snap, base.place_like(memory, state.memory))
 
     return base.Strategy(
         init=init,

@@ -88,19 +88,14 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
         classes = st.phase_classes[jnp.maximum(rows["exp"], 0)] & ok[:, None]  # [n,K]
         out = buffer.append_replay(batch, rows, ok)
         out = buffer.append_replay(out, *buffer.sample(st.memory, k_labels, n))
-        b = batch["image"].shape[0]
-        # Each row's part (0 new, 1 logit replay, 2 label replay); its length lets ``loss``
-        # check that no later strategy appended rows after these.
-        part = jnp.concatenate([jnp.full(k, i, jnp.int8) for i, k in enumerate((b, n, n))])
-        return {**out, "der_logits": rows["logits"], "der_classes": classes, "der_part": part}
+        return {**out, "der_logits": rows["logits"], "der_classes": classes}
 
     def loss(inputs: base.LossInputs, st: DerState, key: jax.Array):
         del st, key
         batch, logits = inputs.batch, inputs.outputs["logits"]
-        total = logits.shape[0]
-        if batch["der_part"].shape[0] != total:
-            raise ValueError("der must be the last strategy that appends rows in a chain")
-        b = total - 2 * n
+        # The experience's rows, then the n logit rows and the n label rows (chained, DER sees
+        # its own rows only: ``base.chain``).
+        b = logits.shape[0] - 2 * n
         labels = batch["label"]
         ce_new = task.loss(logits[:b], labels[:b], inputs.class_mask)
         ce_mem = task.loss(logits[b + n :], labels[b + n :], inputs.class_mask)

@@ -83,10 +83,9 @@ def init_classifier(head: dict[str, jax.Array], new: np.ndarray) -> dict[str, ja
     kernel = np.where(new, kernel[..., :1], kernel)  # [..., C, K]: background's column
     bias = np.where(new, shared, bias)
     bias[0] = shared
-    # Back where the old arrays lived (same sharding): hooks downstream then see the same
-    # placements as in the first phase and reuse their compiled programs.
-    place = lambda x, like: jax.device_put(x.astype(like.dtype), getattr(like, "sharding", None))
-    return {**head, "kernel": place(kernel, head["kernel"]), "bias": place(bias, head["bias"])}
+    # Back where the old arrays lived: hooks downstream reuse their compiled programs.
+    new_head = {"kernel": kernel, "bias": bias}
+    return {**head, **base.place_like(new_head, {k: head[k] for k in new_head})}
 
 
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:

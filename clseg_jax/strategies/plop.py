@@ -206,12 +206,6 @@ def histogram_median(hist: np.ndarray) -> np.ndarray:
     return np.where(total > 0, (j + inside) / bins, 0.0)
 
 
-def _put_like(x: np.ndarray, like: jax.Array) -> jax.Array:
-    """A host value placed as ``like`` is (sharding, committed or not): a phase's new state then
-    matches the compiled step's and the threshold pass's inputs, and nothing recompiles."""
-    return jax.device_put(x, like.sharding) if like.committed else jax.device_put(x)
-
-
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     get = lambda key: cfg.get(key, DEFAULTS[key])
     pod_factor, logits_factor = float(get("plop_pod_factor")), float(get("plop_pod_logits_factor"))
@@ -244,7 +238,8 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
         n_old, n_cur = int(old_mask.sum()), int(np.sum(phase.class_mask))
         n_new = len(phase.new_classes)
         log_old = np.float32(math.log(max(n_old, 2)))
-        hist = _put_like(np.zeros((k, bins), np.int32), state.thresholds)
+        # Placed as the state is: the threshold pass then compiles once for the stream.
+        hist = base.place_like(np.zeros((k, bins), np.int32), state.thresholds, cast=False)
         # Padding rows are all 255, so they add nothing; every batch has one shape (one compile).
         for batch, _ in importance.padded_batches(phase, batch_size, np.iinfo(np.int64).max):
             snap = state.snap
@@ -268,12 +263,8 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
         scale = 1.0 / (n_old * log_old * math.log(n_cur)) if min(n_old, n_cur) >= 2 else 0.0
         thresholds = np.maximum(histogram_median(np.asarray(hist)) * log_old * scale, floor)
         pod_scale = math.sqrt(n_cur / n_new) if n_new else 1.0
-        put = lambda x, like: _put_like(np.asarray(x, np.float32), like)
-        return params, state._replace(
-            thresholds=put(thresholds, state.thresholds),
-            entropy_scale=put(scale, state.entropy_scale),
-            pod_scale=put(pod_scale, state.pod_scale),
-        )
+        new = {"thresholds": thresholds, "entropy_scale": scale, "pod_scale": pod_scale}
+        return params, state._replace(**base.place_like(new, {f: getattr(state, f) for f in new}))
 
     def loss(
         inputs: base.LossInputs, state: State, key: jax.Array

@@ -1,7 +1,7 @@
 """Riemannian Walk (Chaudhry et al. 2018, "Riemannian Walk for Incremental Learning: Understanding
 Forgetting and Intransigence", ECCV): EWC++ plus a KL-normalised path-integral score.
 
-Every training step, with ``g`` the task-loss gradient (``needs_task_grads``; free with a
+Every training step, with ``g`` the task-loss gradient (``on_step`` receives it; free with a
 parameter-only penalty) and ``d = theta_new - theta_old`` the applied update::
 
     F <- alpha g^2 + (1 - alpha) F           (EWC++: moving-average empirical Fisher)
@@ -125,6 +125,4 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
         value = lam * importance.quadratic(params, sstate.weight, sstate.anchor)
         return value, {"rwalk_penalty": value}
 
-    return base.Strategy(
-        init=init, penalty=penalty, on_step=on_step, after_phase=after_phase, needs_task_grads=True
-    )
+    return base.Strategy(init=init, penalty=penalty, on_step=on_step, after_phase=after_phase)

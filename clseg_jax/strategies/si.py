@@ -2,7 +2,7 @@
 Synaptic Intelligence"), as in the reference code ganguli-lab/pathint (``PATH_INT_PROTOCOL`` with
 ``omega_decay='sum'``), not Avalanche's clamped variant.
 
-Per training step, with ``g`` the gradient of the task loss alone (``needs_task_grads``) and
+Per training step, with ``g`` the gradient of the task loss alone (``on_step`` receives it) and
 ``delta = theta_new - theta_old`` the update the optimizer actually applied (penalty included)::
 
     omega <- omega - g * delta                                   (path integral of this phase)
@@ -121,5 +121,4 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
         penalty=penalty,
         on_step=on_step,
         after_phase=after_phase,
-        needs_task_grads=True,
     )

@@ -9,7 +9,7 @@ matrix per test set -> ``clseg_jax.metrics.miou`` -> accuracy matrix ``R[i][j]``
 ``clseg_jax.metrics.cl_summary``.
 
 Avalanche is used as shipped, with the patches below where it assumes classification (each is
-marked ``PATCH`` in the code and listed with every formula difference in README.md):
+marked ``PATCH`` in the code and listed with every formula difference in baselines/README.md):
 
 * datasets get a dummy per-sample ``targets`` (0) because Avalanche's classification datasets need
   one; the segmentation mask travels as the pattern's "y";

@@ -234,7 +234,7 @@ def main() -> None:
         "--omp-wait-policy",
         default="PASSIVE",
         help="OMP_WAIT_POLICY for PyTorch ('' leaves it unset). PASSIVE: on a shared CPU, "
-        "PyTorch's spinning OpenMP threads fight the other load (README: 'Threads').",
+        "PyTorch's spinning OpenMP threads fight the other load (baselines/README.md: 'Threads').",
     )
     # Internal: the clseg_jax side's subprocess.
     parser.add_argument("--worker-ours", default=None, help=argparse.SUPPRESS)
