@@ -72,6 +72,22 @@ CFG = di.DIConfig(iterations=30, warmup_iterations=3, jitter=1, lr=0.1, bn_scale
 TARGETS = jnp.arange(16, dtype=jnp.int32) % K
 
 
+def assert_same_synthesis(got, want, other) -> None:
+    """Two runs of the Adam loop over images agree up to the loop's own rounding noise.
+
+    Adam normalises each pixel's step, so where a gradient is near 0 a rounding difference
+    (batched and single convolutions round differently on some CPUs) can move that pixel by up
+    to ~lr per iteration, and exact equality after the loop is a coin flip across machines: an
+    Intel Xeon left 3.6% of values apart by up to 4.8e-3 after 30 iterations, an AMD EPYC none.
+    So: at least 90% of values within 1e-4 and a mean gap under 1e-3. ``other`` (a run that must
+    differ: another teacher or key) agrees on 2-9% of values here, so the check can fail.
+    """
+    got, want, other = (np.asarray(a, np.float64) for a in (got, want, other))
+    gap = np.abs(got - want)
+    assert (gap <= 1e-4).mean() >= 0.9 and gap.mean() < 1e-3, ((gap > 1e-4).mean(), gap.max())
+    assert (np.abs(got - other) <= 1e-4).mean() < 0.5
+
+
 @pytest.fixture(scope="module")
 def teacher():
     graphdef, params, stats = tiny_teacher(0)
@@ -225,9 +241,25 @@ def test_teacher_fn_is_an_eval_forward_with_one_moment_tuple_per_batchnorm(teach
 
 
 def test_first_moment_is_the_first_batchnorm_called(teacher):
+    """The first captured moments are those of the stem conv's output, computed here apart,
+    and the second those of the body conv's input path (its own BatchNorm), in call order."""
     fn, (params, stats) = teacher
-    _, moments = fn(params, stats, jnp.zeros((2, SIZE, SIZE, 3)))
-    assert moments[0][0].shape == (8,)  # the stem's BatchNorm, called first
+    x = jax.random.normal(jax.random.key(4), (3, SIZE, SIZE, 3))
+    _, moments = fn(params, stats, x)
+    conv = lambda h, k: jax.lax.conv_general_dilated(
+        h, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    stem = conv(x, params["stem"]["kernel"])  # [3,S,S,8]: the stem BN's input
+    mean, var, running_mean, running_var = moments[0]
+    np.testing.assert_allclose(mean, stem.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, stem.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(running_mean, stats["stem_norm"]["mean"])
+    np.testing.assert_array_equal(running_var, stats["stem_norm"]["var"])
+    bn = stats["stem_norm"]
+    h = (stem - bn["mean"]) / jnp.sqrt(bn["var"] + 1e-5)
+    h = jax.nn.relu(h * params["stem_norm"]["scale"] + params["stem_norm"]["bias"])
+    body = conv(h, params["body"]["kernel"])  # [3,S,S,16]: the body BN's input
+    np.testing.assert_allclose(moments[1][0], body.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -300,8 +332,8 @@ def test_vmapped_syntheses_equal_one_by_one_runs(teacher, first_run, loop):
         one, one_info = di.synthesize(
             fn, tvars, targets[g], keys[g], CFG, image_shape=(SIZE, SIZE, 3), loop=loop
         )
-        np.testing.assert_allclose(images[g], one, atol=1e-4)
-        np.testing.assert_allclose(info["main"][g], one_info["main"], rtol=1e-4, atol=1e-5)
+        assert_same_synthesis(images[g], one, images[1 - g])
+        np.testing.assert_allclose(info["main"][g], one_info["main"], rtol=1e-3, atol=1e-5)
     assert not np.allclose(images[0], images[1])
 
 
@@ -326,7 +358,7 @@ def test_vmapped_syntheses_over_stacked_teachers(teacher, first_run, loop):
         one, _ = di.synthesize(
             fn, tv, targets[g], keys[g], CFG, image_shape=(SIZE, SIZE, 3), loop=loop
         )
-        np.testing.assert_allclose(images[g], one, atol=1e-4)
+        assert_same_synthesis(images[g], one, images[1 - g])
 
 
 def _rolled_and_flipped_key(jitter):
