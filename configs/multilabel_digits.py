@@ -2,7 +2,7 @@
 (digits 0-3, 4-6, 7-9); sigmoid/BCE head over the classes seen so far; R holds mAP per task.
 
 Task t trains on the canvases holding one of its digits, with the other tasks' digits unlabelled
-(``data/classification.py``), the multi-label CL protocol of the PPI paper's VOC split.
+(``data/class_steps.py``), the multi-label CL protocol of the PPI paper's VOC split.
 
   python -m clseg_jax.main --config=configs/multilabel_digits.py:strategy=ppi --workdir=runs/ml
   python -m clseg_jax.main --config=configs/multilabel_digits.py:compare --workdir=runs/ml_cmp

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from clseg_jax import data
-from clseg_jax.data import base, classification, digits
+from clseg_jax.data import base, digits, digits_labels, npz_ml, voc, voc_ml
 
 
 def _cfg(**kw) -> ml_collections.ConfigDict:
@@ -69,7 +69,7 @@ def test_label_source_validates_and_reprs():
 def test_visible_multi_hot():
     label = np.array([[1, 0, 1, 1], [0, 1, 1, 0]], np.uint8)
     visible = np.array([True, True, False, False])
-    out = classification.visible_multi_hot(label, visible)
+    out = base.visible_multi_hot(label, visible)
     assert out.dtype == np.uint8
     assert out.tolist() == [[1, 0, 0, 0], [0, 1, 0, 0]]
 
@@ -105,7 +105,7 @@ def test_digits_cls_stream_and_disjoint_digits():
 def test_digits_cls_sizes_caps_and_seed():
     x, _ = digits.load_mnist()
     digit_set = {d.tobytes() for d in x}
-    big = classification.make_digits_cls(_cfg(image_size=64, train_per_exp=7, test_per_exp=3))
+    big = digits_labels.make_digits_cls(_cfg(image_size=64, train_per_exp=7, test_per_exp=3))
     e = big.experiences[0]
     assert e.train.images.shape == (7, 64, 64, 3) and len(e.test) == 3
     # 64 = 2 x 28 + 8: each pixel doubled, 4 px of black border.
@@ -113,7 +113,7 @@ def test_digits_cls_sizes_caps_and_seed():
     assert all(d.tobytes() in digit_set for d in core)
     assert e.train.images[:, :4].max() == 0 and e.train.images[:, 60:].max() == 0
     assert sorted(np.bincount(e.train.labels, minlength=2)[:2]) == [3, 4]  # balanced cap
-    small = classification.make_digits_cls(
+    small = digits_labels.make_digits_cls(
         _cfg(image_size=16, classes_per_step=(4, 3, 3), train_per_exp=8, test_per_exp=4)
     )
     assert [exp.classes for exp in small.experiences] == [(0, 1, 2, 3), (4, 5, 6), (7, 8, 9)]
@@ -124,14 +124,14 @@ def test_digits_cls_sizes_caps_and_seed():
         assert set(exp.train.labels.tolist()) == set(exp.classes)
 
     cfg = dict(classes_per_step=(5, 5), train_per_exp=10, test_per_exp=10)
-    a = classification.make_digits_cls(_cfg(seed=1, **cfg))
-    b = classification.make_digits_cls(_cfg(seed=1, **cfg))
-    c = classification.make_digits_cls(_cfg(seed=2, **cfg))
+    a = digits_labels.make_digits_cls(_cfg(seed=1, **cfg))
+    b = digits_labels.make_digits_cls(_cfg(seed=1, **cfg))
+    c = digits_labels.make_digits_cls(_cfg(seed=2, **cfg))
     assert _sources_equal(a, b) and not _sources_equal(a, c)
 
 
 def test_digits_cls_errors():
-    build = classification.make_digits_cls
+    build = digits_labels.make_digits_cls
     _one_line_error(build, _cfg(classes_per_step=(5, 4)), "digits_cls", "sum to 10", "(5, 4)")
     _one_line_error(build, _cfg(image_size=4), "digits_cls", "config.image_size", ">= 8")
     _one_line_error(build, _cfg(train_per_exp=-1), "config.train_per_exp", ">= 0")
@@ -161,18 +161,18 @@ def test_digits_ml_stream_partition_and_full_labels():
 
 
 def test_digits_ml_deterministic_by_seed_and_max_digits():
-    a = classification.make_digits_ml(_cfg(seed=3, **ML_SMALL))
-    b = classification.make_digits_ml(_cfg(seed=3, **ML_SMALL))
-    c = classification.make_digits_ml(_cfg(seed=4, **ML_SMALL))
+    a = digits_labels.make_digits_ml(_cfg(seed=3, **ML_SMALL))
+    b = digits_labels.make_digits_ml(_cfg(seed=3, **ML_SMALL))
+    c = digits_labels.make_digits_ml(_cfg(seed=4, **ML_SMALL))
     assert _sources_equal(a, b) and not _sources_equal(a, c)
-    one = classification.make_digits_ml(_cfg(max_digits=1, classes_per_step=(5, 5), **ML_SMALL))
+    one = digits_labels.make_digits_ml(_cfg(max_digits=1, classes_per_step=(5, 5), **ML_SMALL))
     for exp in one.experiences:
         assert (exp.train.labels.sum(axis=1) == 1).all()
         assert exp.train.labels[:, list(exp.classes)].any(axis=1).all()
 
 
 def test_digits_ml_errors():
-    build = classification.make_digits_ml
+    build = digits_labels.make_digits_ml
     _one_line_error(build, _cfg(classes_per_step=(4, 4)), "digits_ml", "sum to 10")
     _one_line_error(build, _cfg(max_digits=0), "config.max_digits", ">= 1")
 
@@ -218,7 +218,7 @@ def _write_voc(root: Path, train=VOC_TRAIN, val=VOC_VAL) -> Path:
     return root
 
 
-def _ids(src: classification.ImageFileSource) -> list[str]:
+def _ids(src: voc_ml.ImageFileSource) -> list[str]:
     return [Path(p).stem for p in src.paths]
 
 
@@ -226,7 +226,7 @@ def test_voc_ml_stream_and_partition(tmp_path: Path):
     root = _write_voc(tmp_path / "VOC2012")
     stream = data.make(_cfg(name="voc_ml", path=str(root), image_size=12))
     assert (stream.name, stream.kind, stream.num_classes) == ("voc_ml", "multilabel", 20)
-    assert stream.class_names == classification.VOC_CLASSES
+    assert stream.class_names == voc.VOC_CLASSES
     assert [e.classes for e in stream.experiences] == [
         tuple(range(7)),
         tuple(range(7, 14)),
@@ -253,7 +253,7 @@ def test_voc_ml_stream_and_partition(tmp_path: Path):
             assert item["label"].shape == (20,)
     # Full labels, difficult objects included: image 1 keeps its aeroplane in task 2's source.
     first = stream.experiences[2].train
-    names = classification.VOC_CLASSES
+    names = voc.VOC_CLASSES
     want = [names.index("aeroplane"), names.index("person")]
     assert np.flatnonzero(first.labels[0]).tolist() == want
     assert repr(first) == "ImageFileSource('voc_ml/person..tvmonitor/train', n=3, shape=(12, 12))"
@@ -264,24 +264,22 @@ def test_voc_ml_stream_and_partition(tmp_path: Path):
 def test_voc_ml_difficult_caps_and_splits(tmp_path: Path):
     root = _write_voc(tmp_path / "voc")
     # Without difficult objects image 1 has no person, so task 2 loses it ...
-    strict = classification.make_voc_ml(
-        _cfg(path=str(root), include_difficult=False, test_split="train")
-    )
+    strict = voc_ml.make_voc_ml(_cfg(path=str(root), include_difficult=False, test_split="train"))
     assert _ids(strict.experiences[2].train) == ["2008_000003", "2008_000004"]
     # ... and val image 6 (a difficult horse only) joins no task: task 1 has no test image.
     with pytest.raises(ValueError, match=r"task 1 .* has no 'val' images"):
-        classification.make_voc_ml(_cfg(path=str(root), include_difficult=False))
+        voc_ml.make_voc_ml(_cfg(path=str(root), include_difficult=False))
     capped = dict(path=str(root), train_per_exp=2, classes_per_step=(7, 7, 6))
-    a = classification.make_voc_ml(_cfg(seed=0, **capped))
+    a = voc_ml.make_voc_ml(_cfg(seed=0, **capped))
     assert [len(e.train) for e in a.experiences] == [1, 2, 2]
-    b = classification.make_voc_ml(_cfg(seed=0, **capped))
+    b = voc_ml.make_voc_ml(_cfg(seed=0, **capped))
     assert [_ids(e.train) for e in a.experiences] == [_ids(e.train) for e in b.experiences]
     seeds = {
-        tuple(_ids(classification.make_voc_ml(_cfg(seed=s, **capped)).experiences[2].train))
+        tuple(_ids(voc_ml.make_voc_ml(_cfg(seed=s, **capped)).experiences[2].train))
         for s in range(8)
     }
     assert len(seeds) > 1  # the cap samples with the seed
-    swapped = classification.make_voc_ml(
+    swapped = voc_ml.make_voc_ml(
         _cfg(path=str(root), train_split="val", test_split="train", classes_per_step=(10, 10))
     )
     assert _ids(swapped.experiences[0].train) == ["2008_000005"]  # bus; horse is class 12
@@ -290,7 +288,7 @@ def test_voc_ml_difficult_caps_and_splits(tmp_path: Path):
 
 
 def test_voc_ml_errors(tmp_path: Path):
-    build = classification.make_voc_ml
+    build = voc_ml.make_voc_ml
     _one_line_error(build, _cfg(), "config.path is empty")
     _one_line_error(build, _cfg(path=str(tmp_path / "nope")), "nope", "does not exist")
     root = _write_voc(tmp_path / "voc")
@@ -366,20 +364,20 @@ def test_npz_ml_round_trip(tmp_path: Path):
             np.testing.assert_array_equal(src.images, arrays[f"x_{split}"][idx])
             np.testing.assert_array_equal(src.labels, y[idx])  # full labels
             assert src.labels.dtype == np.uint8 and src[0]["label"].shape == (5,)
-    named = classification.make_npz_ml(
+    named = npz_ml.make_npz_ml(
         _cfg(path=str(file), classes_per_step=(5,), class_names=tuple("vwxyz"))
     )
     assert named.class_names == tuple("vwxyz") and named.experiences[0].name == "v..z"
     plain = _write_npz(tmp_path, "plain", {**arrays, "y_train": arrays["y_train"].astype(bool)})
-    unnamed = classification.make_npz_ml(_cfg(path=str(plain), classes_per_step=(1, 4)))
+    unnamed = npz_ml.make_npz_ml(_cfg(path=str(plain), classes_per_step=(1, 4)))
     assert unnamed.class_names == tuple(f"class_{c}" for c in range(5))
     cap = dict(path=str(file), classes_per_step=(2, 3), train_per_exp=3, test_per_exp=2)
-    a, b = (classification.make_npz_ml(_cfg(seed=5, **cap)) for _ in range(2))
+    a, b = (npz_ml.make_npz_ml(_cfg(seed=5, **cap)) for _ in range(2))
     assert _sources_equal(a, b) and [len(e.train) for e in a.experiences] == [3, 3]
 
 
 def test_npz_ml_errors(tmp_path: Path):
-    build = classification.make_npz_ml
+    build = npz_ml.make_npz_ml
     rng = np.random.default_rng(1)
     good = _ml_arrays(rng)
     steps = {"classes_per_step": (2, 3)}

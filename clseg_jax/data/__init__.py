@@ -13,14 +13,16 @@ import ml_collections
 from clseg_jax.data import (
     ade,
     base,
-    classification,
     digits,
+    digits_labels,
     medmnist,
     npz,
+    npz_ml,
     shapes,
     tfds_seg,
     tiny_layouts,
     voc,
+    voc_ml,
 )
 
 DATASETS: dict[str, Callable[[ml_collections.ConfigDict], base.Stream]] = {
@@ -29,10 +31,10 @@ DATASETS: dict[str, Callable[[ml_collections.ConfigDict], base.Stream]] = {
     "digits_ci": digits.make_class,
     "digits_di": digits.make_domain,
     "npz": npz.make,
-    "digits_cls": classification.make_digits_cls,
-    "digits_ml": classification.make_digits_ml,
-    "voc_ml": classification.make_voc_ml,
-    "npz_ml": classification.make_npz_ml,
+    "digits_cls": digits_labels.make_digits_cls,
+    "digits_ml": digits_labels.make_digits_ml,
+    "voc_ml": voc_ml.make_voc_ml,
+    "npz_ml": npz_ml.make_npz_ml,
     "voc": voc.make,
     "ade": ade.make,
     "tfds_seg": tfds_seg.make,

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import ml_collections
 
-from clseg_jax.data import base, files, incremental
+from clseg_jax.data import base, checks, files, incremental
 
 CLASS_NAMES = (
     "other",
@@ -77,12 +77,12 @@ def split_source(
     if not images:
         raise ValueError(f"ade: folder {str(images_dir)!r} holds no .jpg images")
     labels = [masks_dir / f"{p.stem}.png" for p in images]
-    missing = [p for p in labels if not p.is_file()]
-    if missing:
-        raise ValueError(
-            f"ade: annotation {str(missing[0])!r} of image {images[labels.index(missing[0])].name} "
-            f"does not exist ({len(missing)} of {len(labels)} missing)"
-        )
+    checks.files_exist(
+        labels,
+        lambda p: (
+            f"ade: annotation {str(p)!r} of image {images[labels.index(p)].name} does not exist"
+        ),
+    )
     return files.SegFileSource(
         images,
         labels,

@@ -1,41 +1,54 @@
 """Stream vocabulary (Avalanche's words): a Stream is a sequence of Experiences.
 
-An experience carries random-access train/test sources (grain ``RandomAccessDataSource``s) whose
-elements are ``{"image": uint8 [H,W,3], "label": uint8 [H,W]}`` with *full* labels: class ids
-``0..num_classes-1`` (0 = background) and 255 = ignore. What a training step or an evaluation may
-see is decided later by a visibility mask over classes (``visible_labels``), so one source serves
-class-incremental training (unseen classes -> background), cumulative and joint training alike.
+An experience carries random-access train/test sources (``Source``: grain
+``RandomAccessDataSource``s with a stable repr) whose elements are ``{"image": uint8 [H,W,3],
+"label": uint8 [H,W]}`` with *full* labels: class ids ``0..num_classes-1`` (0 = background) and
+255 = ignore. What a training step or an evaluation may see is decided later by a visibility mask
+over classes (``visible_labels``), so one source serves class-incremental training (unseen
+classes -> background), cumulative and joint training alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
+
+from clseg_jax.data import checks
 
 IGNORE = 255
 
 
-class ArraySource:
-    """In-memory random-access source over ``images [N,H,W,3] uint8`` and ``labels [N,H,W]``.
+@runtime_checkable
+class Source(Protocol):
+    """What an experience's train/test data is: a grain ``RandomAccessDataSource``.
 
-    ``__repr__`` is stable (no memory address) so grain iterator state restores across processes.
+    Rows are ``{"image": uint8 [H,W,3], "label": ...}`` (a mask ``uint8 [H,W]``, a class id
+    ``uint8 []`` or a multi-hot ``uint8 [K]``). ``__repr__`` must be stable (the same in every
+    process and build, no memory address): grain keys checkpointed iterator state by it.
     """
 
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]: ...
+
+    def __repr__(self) -> str: ...
+
+
+class _InMemory:
+    """Images ``[N,H,W,3] uint8`` and per-image labels held in memory; subclasses check labels."""
+
     def __init__(self, images: np.ndarray, labels: np.ndarray, name: str):
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(
-                f"{name}: images must be uint8 [N,H,W,3], got {images.dtype} {list(images.shape)}"
-            )
-        if labels.shape != images.shape[:3]:
-            raise ValueError(
-                f"{name}: labels must be [N,H,W] = {list(images.shape[:3])}, "
-                f"got {list(labels.shape)}"
-            )
+        checks.rgb_images(images, f"{name}: images")
+        self._check_labels(images, labels, name)
         self.images = images
         self.labels = labels.astype(np.uint8, copy=False)
         self.name = name
+
+    @staticmethod
+    def _check_labels(images: np.ndarray, labels: np.ndarray, name: str) -> None:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.images)
@@ -43,11 +56,26 @@ class ArraySource:
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         return {"image": self.images[i], "label": self.labels[i]}
 
+
+class ArraySource(_InMemory):
+    """In-memory random-access source over ``images [N,H,W,3] uint8`` and ``labels [N,H,W]``.
+
+    ``__repr__`` is stable (no memory address) so grain iterator state restores across processes.
+    """
+
+    @staticmethod
+    def _check_labels(images: np.ndarray, labels: np.ndarray, name: str) -> None:
+        if labels.shape != images.shape[:3]:
+            raise ValueError(
+                f"{name}: labels must be [N,H,W] = {list(images.shape[:3])}, "
+                f"got {list(labels.shape)}"
+            )
+
     def __repr__(self) -> str:
-        return f"ArraySource({self.name!r}, n={len(self)}, shape={tuple(self.images.shape[1:3])})"
+        return f"ArraySource({self.name!r}, n={len(self)}, shape={self.images.shape[1:3]})"
 
 
-class LabelSource:
+class LabelSource(_InMemory):
     """In-memory random-access source of whole-image labels (classification).
 
     ``images [N,H,W,3] uint8`` with either ``labels [N]`` (single-label: one class id per image)
@@ -56,11 +84,8 @@ class LabelSource:
     memory address) so grain iterator state restores across processes.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str):
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(
-                f"{name}: images must be uint8 [N,H,W,3], got {images.dtype} {list(images.shape)}"
-            )
+    @staticmethod
+    def _check_labels(images: np.ndarray, labels: np.ndarray, name: str) -> None:
         if labels.ndim not in (1, 2) or len(labels) != len(images):
             raise ValueError(
                 f"{name}: labels must be [N] class ids or [N,K] multi-hot with N = {len(images)}, "
@@ -76,27 +101,18 @@ class LabelSource:
                 f"{name}: labels must be {valid}, "
                 f"got values {int(labels.min())}..{int(labels.max())}"
             )
-        self.images = images
-        self.labels = labels.astype(np.uint8, copy=False)
-        self.name = name
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return {"image": self.images[i], "label": self.labels[i]}
 
     def __repr__(self) -> str:
         return (
-            f"LabelSource({self.name!r}, n={len(self)}, shape={tuple(self.images.shape[1:3])}, "
-            f"label={tuple(self.labels.shape[1:])})"
+            f"LabelSource({self.name!r}, n={len(self)}, shape={self.images.shape[1:3]}, "
+            f"label={self.labels.shape[1:]})"
         )
 
 
 class ConcatSource:
     """Several sources read as one (cumulative and joint training)."""
 
-    def __init__(self, sources: Sequence[ArraySource]):
+    def __init__(self, sources: Sequence[Source]):
         self.sources = tuple(sources)
         self._offsets = np.cumsum([0] + [len(s) for s in self.sources])
 
@@ -126,8 +142,8 @@ class Experience(NamedTuple):
     index: int
     name: str
     classes: tuple[int, ...]
-    train: ArraySource
-    test: ArraySource
+    train: Source
+    test: Source
 
 
 class Stream(NamedTuple):
@@ -150,7 +166,7 @@ class Stream(NamedTuple):
     num_classes: int
     class_names: tuple[str, ...]
     experiences: tuple[Experience, ...]
-    test: ArraySource | None = None
+    test: Source | None = None
 
     def seen_classes(self, upto: int) -> tuple[int, ...]:
         """Classes labelled in experiences ``0..upto`` (inclusive)."""
@@ -183,6 +199,15 @@ def visible_labels(label: np.ndarray, visible: np.ndarray) -> np.ndarray:
     keep = np.append(visible, True)  # index K stands for "ignore"
     idx = np.where(label == IGNORE, len(visible), label)
     return np.where(keep[idx], label, 0).astype(label.dtype)
+
+
+def visible_multi_hot(label: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """Zeroes the classes not in ``visible`` (``bool [K]``) of multi-hot ``label [..., K]``.
+
+    The multi-label form of ``visible_labels`` for whole arrays of labels: while training task t,
+    objects of other tasks are unlabelled, hence negatives.
+    """
+    return (label * visible.astype(label.dtype)).astype(label.dtype)
 
 
 def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:

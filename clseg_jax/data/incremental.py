@@ -43,7 +43,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from clseg_jax.data import base, files, protocols
+from clseg_jax.data import base, class_steps, files, protocols
 
 SETTINGS = ("overlapped", "disjoint", "sequential")
 
@@ -55,6 +55,8 @@ def _check_setting(setting: str) -> str:
 
 
 def _check_steps(steps: Sequence[Sequence[int]], num_classes: int) -> list[tuple[int, ...]]:
+    # Not class_steps.split_classes: steps here are given as class ids (any disjoint sets, not
+    # necessarily consecutive nor covering every class), not as sizes.
     out, seen = [], set()
     for t, step in enumerate(steps):
         step = tuple(int(c) for c in step)
@@ -87,15 +89,17 @@ def split(
     p = np.asarray(presence_train, bool)
     k = p.shape[1]
     steps = _check_steps(steps, k)
+    # "overlapped" is the partition the multi-label streams use too; the other settings keep
+    # only the images with no class of a later step.
+    parts = class_steps.partition(p, steps)
+    if setting == "overlapped":
+        return parts
     seen = np.zeros(k, bool)
     seen[0] = True
     out = []
-    for step in steps:
+    for step, idx in zip(steps, parts, strict=True):
         seen[list(step)] = True
-        keep = p[:, list(step)].any(axis=1)
-        if setting != "overlapped":
-            keep &= ~p[:, ~seen].any(axis=1)  # no class of a later step
-        out.append(np.flatnonzero(keep).astype(np.int64))
+        out.append(idx[~p[idx][:, ~seen].any(axis=1)])
     return out
 
 
@@ -107,11 +111,6 @@ def experience_classes(steps: Sequence[Sequence[int]], setting: str) -> list[tup
         seen = sorted({*seen, *step})
         out.append(tuple(seen) if setting == "sequential" else (0, *step))
     return out
-
-
-def _step_name(class_names: Sequence[str], step: Sequence[int]) -> str:
-    names = [class_names[c] for c in step]
-    return "+".join(names) if len(names) <= 4 else f"{names[0]}..{names[-1]}"
 
 
 def make_stream(
@@ -156,7 +155,7 @@ def make_stream(
     test_p = np.asarray(presence_test, bool)
     exps = []
     for t, (step, idx, classes) in enumerate(zip(steps, train_idx, labelled, strict=True)):
-        step_name = _step_name(class_names, step)
+        step_name = class_steps.step_name(class_names, step)
         where = (
             f"{name} {protocol} {setting}: step {t} (classes {step[0]}..{step[-1]}: {step_name})"
         )
@@ -165,7 +164,7 @@ def make_stream(
                 f"{where} has no training image; every step needs an image holding one of its "
                 f"classes{'' if setting == 'overlapped' else ' and no later class'}"
             )
-        test_idx = np.flatnonzero(test_p[:, list(step)].any(axis=1))
+        test_idx = class_steps.holding(test_p, step)
         if len(test_idx) == 0:
             raise ValueError(f"{where} has no test image holding one of its classes")
         prefix = f"{name}/{protocol}/{setting}/{t}"

@@ -16,7 +16,7 @@ Two kinds of stream, decided by the labels (and checked against ``INFO`` for kno
   ``test_split`` (``test``). RetinaMNIST's ordinal grades are 5 classes (MedMNIST's reference
   ``train.py`` fits them with cross-entropy too).
 * multi-label (ChestMNIST): kind ``"multilabel"``, elements ``{"image", "label": uint8 [K]}`` with
-  full labels, partitioned as ``classification.make_npz_ml`` does (an image joins the task of
+  full labels, partitioned as ``npz_ml`` does (``class_steps``: an image joins the task of
   every class it holds; images with no finding join none).
 
 Class ids follow ``class_order`` (default MedMNIST's label order): the class ``class_order[i]``
@@ -53,7 +53,7 @@ from typing import NamedTuple
 import ml_collections
 import numpy as np
 
-from clseg_jax.data import base, classification
+from clseg_jax.data import base, checks, class_steps
 
 SIZES = (28, 64, 128, 224)
 SPLITS = ("train", "val", "test")
@@ -166,20 +166,7 @@ CCSI_STEPS: dict[str, tuple[int, ...]] = {
 }
 
 _WHAT = "medmnist"
-_CAP = 41  # stream id in the seed tuple, distinct from classification.py's and digits.py's
-
-
-def _int(cfg: ml_collections.ConfigDict, name: str, default: int, minimum: int) -> int:
-    value = cfg.get(name, default)
-    value = default if value is None else int(value)
-    if value < minimum:
-        raise ValueError(f"{_WHAT}: config.{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _one_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+_CAP = 41  # stream id in the seed tuple, distinct from class_steps.CAP_STREAM and digits'
 
 
 def file_path(root: str | os.PathLike, flag: str, size: int = 28) -> Path:
@@ -203,7 +190,7 @@ def _locate(cfg: ml_collections.ConfigDict) -> tuple[Path, str, int]:
         raise ValueError(
             f"{_WHAT}: {flag!r} is a 3D dataset (volumes); only the 2D datasets are supported"
         )
-    size = _int(cfg, "size", 28, 1)
+    size = checks.int_setting(cfg, "size", 28, 1, _WHAT)
     if size not in SIZES:
         raise ValueError(f"{_WHAT}: config.size must be one of {list(SIZES)}, got {size}")
     folder = Path(os.path.expanduser(str(root)))
@@ -217,29 +204,6 @@ def _locate(cfg: ml_collections.ConfigDict) -> tuple[Path, str, int]:
             f"config.size={size}); .npz files in the folder: {have}"
         )
     return file, flag, size
-
-
-def _read(file: Path, names: Sequence[str], require: Sequence[str] = ()) -> dict[str, np.ndarray]:
-    """The arrays ``names`` of one .npz, after checking ``names`` and ``require`` are all there.
-
-    Members load lazily, so reading the labels first costs no image I/O.
-    """
-    try:
-        z = np.load(file, allow_pickle=False)
-    except (OSError, EOFError, ValueError) as err:  # not a zip, truncated, pickled data
-        raise ValueError(f"{_WHAT}: {file}: cannot be read as .npz ({_one_line(err)})") from None
-    if not isinstance(z, np.lib.npyio.NpzFile):
-        raise ValueError(f"{_WHAT}: {file}: is a single .npy array, expected an .npz archive")
-    with z:
-        missing = [n for n in (*require, *names) if n not in z.files]
-        if missing:
-            raise ValueError(
-                f"{_WHAT}: {file}: missing array {missing[0]!r} (has {sorted(z.files)})"
-            )
-        try:
-            return {n: np.asarray(z[n]) for n in names}
-        except (OSError, EOFError, ValueError) as err:  # object arrays, corrupt members
-            raise ValueError(f"{_WHAT}: {file}: cannot be loaded ({_one_line(err)})") from None
 
 
 def _check_images(x: np.ndarray, n: int, where: str, size: int) -> None:
@@ -271,9 +235,7 @@ def _check_labels(y: np.ndarray, k: int, where: str) -> None:
     if y.ndim == 2:
         if y.shape[1] != k:
             raise ValueError(f"{where} has {y.shape[1]} columns but the class set has K = {k}")
-        bad = np.unique(y[(y != 0) & (y != 1)])
-        if bad.size:
-            raise ValueError(f"{where} must be multi-hot (0/1), found values {bad[:5].tolist()}")
+        checks.multi_hot(y, where)
         return
     bad = np.unique(y[(y < 0) | (y >= k)])
     if bad.size:
@@ -305,21 +267,6 @@ def _fit(x: np.ndarray, image_size: int) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def _balanced(y: np.ndarray, task: Sequence[int], cap: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices of rows with a label in ``task``: all, or ``cap`` split evenly over its classes.
-
-    Shuffled, so a source read in order (host passes, eval) does not see one class at a time.
-    """
-    chosen = []
-    for j, c in enumerate(task):
-        idx = np.flatnonzero(y == c)
-        if cap > 0:
-            want = cap // len(task) + (1 if j < cap % len(task) else 0)
-            idx = rng.choice(idx, min(want, len(idx)), replace=False)
-        chosen.append(idx)
-    return rng.permutation(np.concatenate(chosen))
-
-
 def _splits(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, ...], str]:
     train = cfg.get("train_splits", None) or ("train",)
     train = (train,) if isinstance(train, str) else tuple(str(s) for s in train)
@@ -339,7 +286,8 @@ def _load_labels(
 
     Checks that the images are there too, without loading them.
     """
-    arrays = _read(file, [f"{s}_labels" for s in splits], [f"{s}_images" for s in splits])
+    labels = [f"{s}_labels" for s in splits]
+    arrays = checks.read_npz(file, labels, _WHAT, require=[f"{s}_images" for s in splits])
     ys = {s: _labels(arrays[f"{s}_labels"], f"{_WHAT}: {file}: {s}_labels") for s in splits}
     multilabel = ys[splits[-1]].ndim == 2
     if any((y.ndim == 2) != multilabel for y in ys.values()):
@@ -359,7 +307,7 @@ def _class_set(
 ) -> tuple[int, tuple[str, ...]]:
     """K and the class names: ``config.num_classes``, else ``INFO``'s, else what labels show."""
     info = INFO.get(flag)
-    k = _int(cfg, "num_classes", 0, 0)
+    k = checks.int_setting(cfg, "num_classes", 0, 0, _WHAT)
     if not k and info is not None:
         k = len(info.class_names)
     if not k:
@@ -375,7 +323,7 @@ def _class_set(
 
 def _load_images(file: Path, ys: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """Every split's images, checked against its labels, ``config.size`` and the other splits."""
-    arrays = _read(file, [f"{s}_images" for s in ys])
+    arrays = checks.read_npz(file, [f"{s}_images" for s in ys], _WHAT)
     xs = {s: arrays[f"{s}_images"] for s in ys}
     for s, x in xs.items():
         _check_images(x, len(ys[s]), f"{_WHAT}: {file}: {s}_images", size)
@@ -399,14 +347,17 @@ def make(cfg: ml_collections.ConfigDict) -> base.Stream:
     """
     file, flag, size = _locate(cfg)
     train_splits, test_split = _splits(cfg)
-    image_size = _int(cfg, "image_size", 0, 0) or size
+    image_size = checks.int_setting(cfg, "image_size", 0, 0, _WHAT) or size
     if image_size < size:
         raise ValueError(
             f"{_WHAT}: config.image_size {image_size} is below the file's size {size}; "
             f"images are only padded, never shrunk"
         )
-    caps = (_int(cfg, "train_per_exp", 0, 0), _int(cfg, "test_per_exp", 0, 0))
-    seed = _int(cfg, "seed", 0, 0)
+    caps = (
+        checks.int_setting(cfg, "train_per_exp", 0, 0, _WHAT),
+        checks.int_setting(cfg, "test_per_exp", 0, 0, _WHAT),
+    )
+    seed = checks.int_setting(cfg, "seed", 0, 0, _WHAT)
 
     # Labels first: label, class-set and step problems are reported before any image loads.
     ys, multilabel = _load_labels(file, flag, (*train_splits, test_split))
@@ -417,7 +368,7 @@ def make(cfg: ml_collections.ConfigDict) -> base.Stream:
             f"{_WHAT}: config.classes_per_step is not set and {flag!r} has no default "
             f"(defaults: {CCSI_STEPS}); give task sizes summing to K = {k}"
         )
-    tasks = classification.split_tasks(steps, k, f"{_WHAT}: {flag}")
+    tasks = class_steps.split_classes(steps, k, f"{_WHAT}: {flag}", first=0)
     order = _order(cfg, k)  # class order[i] becomes id i
     names = tuple(names[c] for c in order)
     rank = np.argsort(order)
@@ -432,16 +383,14 @@ def make(cfg: ml_collections.ConfigDict) -> base.Stream:
 
     exps = []
     for t, task in enumerate(tasks):
-        name = _task_name(names, task)
+        name = class_steps.step_name(names, task)
         sources = []
         for i, (x, y, split, role) in enumerate(sides):
             rng = np.random.default_rng([seed, _CAP, t, i])
             if multilabel:
-                idx = np.flatnonzero(y[:, list(task)].any(axis=1))
-                if caps[i] and len(idx) > caps[i]:
-                    idx = np.sort(rng.choice(idx, caps[i], replace=False))
+                idx = class_steps.cap(class_steps.holding(y, task), caps[i], rng)
             else:
-                idx = _balanced(y, task, caps[i], rng)
+                idx = class_steps.balanced(y, task, caps[i], rng)
             if len(idx) == 0:
                 raise ValueError(
                     f"{_WHAT}: {file}: task {t} (classes {name}) has no images in {split!r}; "
@@ -452,8 +401,3 @@ def make(cfg: ml_collections.ConfigDict) -> base.Stream:
         exps.append(base.Experience(t, name, task, sources[0], sources[1]))
     kind = "multilabel" if multilabel else "class"
     return base.Stream(file.stem, kind, k, names, tuple(exps))
-
-
-def _task_name(names: Sequence[str], task: Sequence[int]) -> str:
-    picked = [names[c] for c in task]
-    return "+".join(picked) if len(picked) <= 4 else f"{picked[0]}..{picked[-1]}"

@@ -21,7 +21,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from clseg_jax.data import base
+from clseg_jax.data import base, checks
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 _FILE = re.compile(r"exp(0|[1-9][0-9]*)\.npz")
@@ -51,33 +51,9 @@ def _numbered_files(folder: Path) -> list[Path]:
     return [found[k] for k in sorted(found)]
 
 
-def _one_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _load(file: Path) -> dict[str, np.ndarray]:
     """Reads and validates the four arrays of one file (closing it before returning)."""
-    try:
-        z = np.load(file, allow_pickle=False)
-    except (OSError, EOFError, ValueError) as err:  # not a zip, truncated, pickled data
-        raise ValueError(f"npz: {file}: cannot be read as .npz ({_one_line(err)})") from None
-    if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy renamed to .npz
-        raise ValueError(f"npz: {file}: is a single .npy array, expected an .npz archive")
-    with z:
-        keys = set(z.files)
-        missing = [a for a in ARRAYS if a not in keys]
-        if missing:
-            raise ValueError(
-                f"npz: {file}: missing array {missing[0]!r} (has {sorted(keys)}; "
-                f"needs {list(ARRAYS)})"
-            )
-        arrays = {}
-        for a in ARRAYS:
-            try:
-                arrays[a] = np.asarray(z[a])  # materialised: the file is closed on return
-            except (OSError, EOFError, ValueError) as err:  # object arrays, corrupt members
-                raise ValueError(f"npz: {file}: {a} cannot be loaded ({_one_line(err)})") from None
+    arrays = checks.read_npz(file, ARRAYS, "npz")
     check_arrays(arrays, f"npz: {file}")
     return arrays
 
@@ -87,12 +63,7 @@ def check_arrays(arrays: Mapping[str, np.ndarray], where: str) -> None:
     ``ValueError`` starting with ``where`` otherwise (the service's uploads share it)."""
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(
-                f"{where}: x_{split} must be uint8 [N,H,W,3], got shape {list(x.shape)}"
-            )
-        if x.dtype != np.uint8:
-            raise ValueError(f"{where}: x_{split} must be uint8 [N,H,W,3], got {x.dtype}")
+        checks.rgb_images(x, f"{where}: x_{split}")
         if y.shape != x.shape[:3]:
             raise ValueError(
                 f"{where}: y_{split} must be [N,H,W] = {list(x.shape[:3])} "

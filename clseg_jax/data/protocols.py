@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 
+from clseg_jax.data import class_steps
+
 _FORMS = "valid: 'a-b', 'a-bxN', 'a-bs', 'a-b-c...' (summing to the class count), 'joint'"
 _NUM = r"([1-9][0-9]*)"
 
@@ -63,8 +65,4 @@ def parse(protocol: str, num_classes: int) -> tuple[int, ...]:
 
 def steps(protocol: str, num_classes: int) -> list[tuple[int, ...]]:
     """Foreground class ids ``1..num_classes`` grouped by the protocol's steps."""
-    out, start = [], 1
-    for size in parse(protocol, num_classes):
-        out.append(tuple(range(start, start + size)))
-        start += size
-    return out
+    return class_steps.consecutive(parse(protocol, num_classes), first=1)

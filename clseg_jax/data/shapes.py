@@ -14,19 +14,19 @@ Classes: 0 background, 1 circle, 2 square, 3 triangle, 4 cross (plus sign). Imag
   drawn last so it is always visible.
 
 The small vectorised pixel helpers (``hsv_to_rgb``, ``box_blur``, ``smooth_noise``, ``stripes``)
-are public because the digits stream reuses them. Everything is deterministic given ``cfg.seed``.
+and the config reader ``settings`` are public because the digits stream reuses them. Everything is
+deterministic given ``cfg.seed``.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import ml_collections
 import numpy as np
 
-from clseg_jax.data import base
+from clseg_jax.data import base, checks, class_steps
 
 NUM_CLASSES = 5
 CLASS_NAMES = ("background", "circle", "square", "triangle", "cross")
@@ -299,33 +299,20 @@ def render(
 # --------------------------------------------------------------------------- streams
 
 
-def _int_cfg(cfg: ml_collections.ConfigDict, name: str, default: int, minimum: int) -> int:
-    value = int(cfg.get(name, default))
-    if value < minimum:
-        raise ValueError(f"config.{name} must be >= {minimum}, got {value}")
-    return value
+def settings(
+    cfg: ml_collections.ConfigDict, max_items: str = "max_shapes"
+) -> tuple[int, int, int, int, int]:
+    """(image_size, train_per_exp, test_per_exp, seed, <max_items>) with validation.
 
-
-def _common(cfg: ml_collections.ConfigDict) -> tuple[int, int, int, int, int]:
-    """(image_size, train_per_exp, test_per_exp, seed, max_shapes) with validation."""
+    The settings every generated stream reads (shapes; digits with ``max_items="max_digits"``).
+    """
     return (
-        _int_cfg(cfg, "image_size", 64, 16),
-        _int_cfg(cfg, "train_per_exp", 512, 1),
-        _int_cfg(cfg, "test_per_exp", 128, 1),
-        _int_cfg(cfg, "seed", 0, 0),
-        _int_cfg(cfg, "max_shapes", 3, 1),
+        checks.int_setting(cfg, "image_size", 64, 16),
+        checks.int_setting(cfg, "train_per_exp", 512, 1),
+        checks.int_setting(cfg, "test_per_exp", 128, 1),
+        checks.int_setting(cfg, "seed", 0, 0),
+        checks.int_setting(cfg, max_items, 3, 1),
     )
-
-
-def split_steps(classes_per_step: Sequence[int], num_fg: int, what: str) -> list[tuple[int, ...]]:
-    """Consecutive foreground class ids ``1..num_fg`` grouped by ``classes_per_step``."""
-    steps = [int(c) for c in classes_per_step]
-    if not steps or min(steps) < 1 or sum(steps) != num_fg:
-        raise ValueError(
-            f"{what}: classes_per_step must be positive and sum to {num_fg}, got {tuple(steps)}"
-        )
-    bounds = np.cumsum([0, *steps]) + 1
-    return [tuple(range(int(a), int(b))) for a, b in itertools.pairwise(bounds)]
 
 
 def _sources(
@@ -368,8 +355,8 @@ def make_domain(cfg: ml_collections.ConfigDict) -> base.Stream:
 
     The looks are ``cfg.looks`` (names from ``DOMAINS``, in that order) or all of ``DOMAINS``.
     """
-    size, n_train, n_test, seed, max_shapes = _common(cfg)
-    num_exp = _int_cfg(cfg, "num_experiences", 4, 1)
+    size, n_train, n_test, seed, max_shapes = settings(cfg)
+    num_exp = checks.int_setting(cfg, "num_experiences", 4, 1)
     binary = bool(cfg.get("binary", False))
     class_names = BINARY_CLASS_NAMES if binary else CLASS_NAMES
     all_classes = tuple(range(len(class_names)))
@@ -391,8 +378,10 @@ def make_domain(cfg: ml_collections.ConfigDict) -> base.Stream:
 
 def make_class(cfg: ml_collections.ConfigDict) -> base.Stream:
     """Class-incremental shapes in the "plain" look; ``classes_per_step`` sums to 4."""
-    size, n_train, n_test, seed, max_shapes = _common(cfg)
-    steps = split_steps(cfg.get("classes_per_step", (2, 2)), NUM_CLASSES - 1, "shapes_ci")
+    size, n_train, n_test, seed, max_shapes = settings(cfg)
+    steps = class_steps.split_classes(
+        cfg.get("classes_per_step", (2, 2)), NUM_CLASSES - 1, "shapes_ci"
+    )
     exps = []
     for t, step in enumerate(steps):
         name = "+".join(CLASS_NAMES[c] for c in step)

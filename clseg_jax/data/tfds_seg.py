@@ -36,7 +36,7 @@ import os
 import ml_collections
 import numpy as np
 
-from clseg_jax.data import ade, base, files, incremental
+from clseg_jax.data import ade, base, checks, files, incremental
 
 PRESETS: dict[str, dict] = {
     "oxford_iiit_pet": {
@@ -73,11 +73,6 @@ _DEFAULTS = {
 }
 
 
-def _one_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _lut(pairs, where: str) -> np.ndarray | None:
     """``{value: class}`` or ``[[value, class], ...]`` -> a LUT (others unchanged), or None."""
     if pairs is None:
@@ -105,7 +100,7 @@ def open_source(name: str, split: str, data_dir: str | None, decoders=None):
     except Exception as err:  # tfds raises many types (not found, bad split, tfrecord format)
         raise ValueError(
             f"tfds_seg: cannot open {name!r} split {split!r} in data_dir {data_dir!r} "
-            f"({_one_line(err)}); prepare it first with file_format='array_record'"
+            f"({checks.one_line(err)}); prepare it first with file_format='array_record'"
         ) from None
 
 

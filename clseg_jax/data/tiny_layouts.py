@@ -39,8 +39,8 @@ from clseg_jax.data import ade, base, shapes, voc
 
 MAX_CLASSES = shapes.NUM_CLASSES - 1  # foreground shapes available
 
-# Stream id mixed into the seed: distinct from shapes.py (11, 12), digits (21, 22), classification
-# (31-33), so no two generators share draws.
+# Stream id mixed into the seed: distinct from shapes.py (11, 12), digits (21, 22), digits_labels
+# (31, 32) and class_steps (33), so no two generators share draws.
 _TINY = 41
 _VOC, _ADE = 0, 1
 

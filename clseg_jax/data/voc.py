@@ -13,7 +13,8 @@ A split list holds one id per line. The MiB / PLOP / DeepLab list files (``train
 ``trainaug`` and ``train_aug`` name the same list. The papers train on the augmented set
 (``train_aug``, 10,582 images) and test on ``val`` (1,449 images), the defaults here.
 
-21 classes: 0 background, 1..20 ``classification.VOC_CLASSES``; 255 (object borders) is ignored.
+21 classes: 0 background, 1..20 ``VOC_CLASSES``; 255 (object borders) is ignored. The multi-label
+(image-level) VOC stream is ``voc_ml.py``.
 Protocols: ``19-1``, ``15-5``, ``15-1`` (= ``15-5s``), ``10-1``, ``10-10``, ``10-2x5``, ...;
 settings: ``overlapped`` (MiB's default), ``disjoint``, ``sequential`` (``data/incremental.py``).
 
@@ -34,9 +35,31 @@ from pathlib import Path
 
 import ml_collections
 
-from clseg_jax.data import base, classification, files, incremental
+from clseg_jax.data import base, checks, files, incremental
 
-CLASS_NAMES = ("background", *classification.VOC_CLASSES)
+VOC_CLASSES = (
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+CLASS_NAMES = ("background", *VOC_CLASSES)
 MASKS = ("auto", "SegmentationClass", "SegmentationClassAug")
 _LAYOUT = "JPEGImages/, SegmentationClass/ or SegmentationClassAug/, ImageSets/Segmentation/"
 _LIST_DIRS = (Path("ImageSets") / "Segmentation", Path("splits"), Path("list"))
@@ -101,12 +124,12 @@ def split_source(
     images = [root / "JPEGImages" / f"{i}.jpg" for i in ids]
     labels = [mask_dir / f"{i}.png" for i in ids]
     for kind, paths in (("image", images), ("mask", labels)):
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise ValueError(
-                f"voc: {kind} {str(missing[0])!r} is listed in split {split!r} but does not exist "
-                f"({len(missing)} of {len(paths)} missing)"
-            )
+        checks.files_exist(
+            paths,
+            lambda p, kind=kind: (
+                f"voc: {kind} {str(p)!r} is listed in split {split!r} but does not exist"
+            ),
+        )
     return files.SegFileSource(
         images, labels, size, f"voc/{split}", num_classes=num_classes, fit=fit
     )
