@@ -1,4 +1,9 @@
-"""Job bookkeeping in the database: atomic claims with leases, heartbeats, progress, results.
+"""Job bookkeeping in the database: every change of a job's state is a function here.
+
+The API submits (``submit``, with the Idempotency-Key rule) and cancels (``cancel``) jobs in the
+request's session; workers claim them with leases, beat, report progress and checkpoints, and
+publish (``finish``) or end them (``end``, ``retry_or_fail``); the reaper requeues the jobs of dead
+workers (``reap``).
 
 Every write that only the lease holder may make is a compare-and-set on ``lease_owner`` (and the
 state), so a worker that lost its lease (it stalled past the lease, another worker reclaimed the
@@ -15,11 +20,105 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 
 from clseg_jax.serve import db
-from clseg_jax.serve.db import Job, Version
+from clseg_jax.serve.db import Dataset, Job, Lineage, Version
 
 
 class LeaseLost(RuntimeError):
     """This worker no longer holds the job's lease; it must stop without writing results."""
+
+
+class Refused(ValueError):
+    """A request the job rules refuse, with its HTTP ``status``: 400 (the dataset cannot be
+    trained into the lineage) or 409 (it conflicts with the lineage's or the job's state)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# -- the API's side: submit and cancel, in the request's session ------------------------------
+
+
+def resubmitted(
+    s: orm.Session, owner: str, idempotency_key: str | None, lineage_id: str, dataset_id: str
+) -> Job | None:
+    """The job ``owner`` first submitted under ``idempotency_key`` (None: no such job, or no
+    key); ``Refused`` (409) if that job trains another lineage or dataset."""
+    if idempotency_key is None:
+        return None
+    prior = s.scalar(
+        sa.select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
+    )
+    if prior is not None and (prior.lineage_id, prior.dataset_id) != (lineage_id, dataset_id):
+        raise Refused(409, "Idempotency-Key already used for a different job")
+    return prior
+
+
+def submit(
+    s: orm.Session, owner: str, lin: Lineage, ds: Dataset, idempotency_key: str | None = None
+) -> tuple[Job, bool]:
+    """Queues training ``ds`` as ``lin``'s next experience: ``(job, True)``, or ``(the first
+    job, False)`` when a concurrent submission under the same ``idempotency_key`` won.
+
+    Call ``resubmitted`` first: a key already used answers with its job before these checks.
+    ``Refused``: 400 if ``ds`` does not fit ``lin`` (image size, class ids), 409 if ``lin``
+    already has ``max_experiences`` jobs queued, running or succeeded.
+    """
+    spec, summ = lin.spec, ds.summary
+    if [summ["height"], summ["width"]] != list(spec["image_size"]):
+        raise Refused(
+            400,
+            f"dataset images are {summ['height']}x{summ['width']} but lineage "
+            f"{lin.id} takes {spec['image_size'][0]}x{spec['image_size'][1]}",
+        )
+    if summ["classes"] and max(summ["classes"]) >= spec["num_classes"]:
+        raise Refused(
+            400,
+            f"dataset labels class {max(summ['classes'])} but lineage {lin.id} has "
+            f"{spec['num_classes']} classes (0..{spec['num_classes'] - 1})",
+        )
+    used = s.scalar(
+        sa.select(sa.func.count())
+        .select_from(Job)
+        .where(Job.lineage_id == lin.id, Job.state.in_(("queued", "running", "succeeded")))
+    )
+    if used >= spec["max_experiences"]:
+        raise Refused(409, f"lineage {lin.id} is full: max_experiences={spec['max_experiences']}")
+    job = Job(
+        owner=owner,
+        lineage_id=lin.id,
+        dataset_id=ds.id,
+        idempotency_key=idempotency_key,
+        progress={},
+    )
+    s.add(job)
+    try:
+        s.commit()
+    except sa.exc.IntegrityError:  # a concurrent submission with the same key won
+        s.rollback()
+        prior = resubmitted(s, owner, idempotency_key, lin.id, ds.id)
+        if prior is None:
+            raise
+        return prior, False
+    return job, True
+
+
+def cancel(s: orm.Session, job: Job) -> None:
+    """Cancels a queued ``job`` at once; a running one stops at its worker's next heartbeat
+    (``cancel_requested``). ``Refused`` (409) if it already ended. Refreshes ``job``."""
+    if job.state in db.TERMINAL:
+        raise Refused(409, f"job {job.id} already ended ({job.state})")
+    s.execute(
+        sa.update(Job)
+        .where(Job.id == job.id, Job.state == "queued")
+        .values(state="cancelled", error="cancelled by request", finished_at=db.now())
+    )
+    s.execute(sa.update(Job).where(Job.id == job.id).values(cancel_requested=True))
+    s.commit()
+    s.refresh(job)
+
+
+# -- the workers' side: claims, leases, results ------------------------------------------------
 
 
 def _claimable(t: float):
@@ -151,6 +250,18 @@ def end(engine: sa.Engine, job_id: str, worker: str, state: str, error: str | No
         res = s.execute(sa.update(Job).where(_owned(job_id, worker)).values(**values))
         s.commit()
     return res.rowcount == 1
+
+
+def retry_or_fail(
+    engine: sa.Engine, job_id: str, worker: str, max_attempts: int, error: str
+) -> str:
+    """Ends a job this worker holds after a transient error: requeued while it has used fewer
+    than ``max_attempts`` attempts, failed after. Returns the state chosen."""
+    with orm.Session(engine) as s:
+        attempts = s.scalar(sa.select(Job.attempts).where(Job.id == job_id)) or 0
+    state = "queued" if attempts < max_attempts else "failed"
+    end(engine, job_id, worker, state, error)
+    return state
 
 
 def reap(engine: sa.Engine, max_attempts: int) -> list[str]:

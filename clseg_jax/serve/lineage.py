@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from clseg_jax import config as config_lib
-from clseg_jax import models, strategies, train
+from clseg_jax import setup, train
 from clseg_jax import step as step_lib
 from clseg_jax.checkpoint import Checkpointer
 from clseg_jax.models import weights as weights_lib
@@ -58,8 +58,10 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown lineage field {unknown[0]!r}; valid: {sorted(SPEC_DEFAULTS)}")
     out = {**SPEC_DEFAULTS, **spec}
-    strategies.names(out["strategy"])
-    hparams = strategies.default_hparams()
+    # The library's own check of the run's names (each of 'a+b' strategies, dataset, model).
+    config = train_config({**out, "strategy_params": {}}, "")
+    setup.validate_names(config)
+    hparams = {k: v for k, v in config.strategy.items() if k != "name"}
     for key, value in out["strategy_params"].items():
         if key not in hparams:
             raise ValueError(f"unknown strategy parameter {key!r}; valid: {sorted(hparams)}")
@@ -194,19 +196,16 @@ def export_weights(workdir: str, out_path: str) -> None:
 
 
 class Predictor:
-    """Segments images with one version's weights; compiled once per lineage image size."""
+    """Segments images with one version's weights; compiled once per lineage image size.
+
+    The model is the one ``train_config`` trains (``setup.init_model``, the same input norm)."""
 
     def __init__(self, spec: dict[str, Any], weights_path: str):
-        cfg = ml_collections.ConfigDict(
-            {
-                "name": "unet",
-                "kwargs": {"widths": tuple(spec["model_widths"]), "norm": "batch"},
-            }
-        )
-        graphdef, params, stats = models.init(cfg, spec["num_classes"], seed=0)
+        model = train_config(spec, "").model
+        graphdef, params, stats = setup.init_model(model, spec["num_classes"], seed=0)
         params, stats = weights_lib.load(weights_path, params, stats)
         self.size = tuple(spec["image_size"])
-        forward = step_lib.make_forward(graphdef, "symmetric")
+        forward = step_lib.make_forward(graphdef, model.get("input_norm", "symmetric"))
 
         @jax.jit
         def predict(image):  # [1,H,W,3] uint8 -> [1,H,W] int32

@@ -175,11 +175,7 @@ def execute(
     except TRANSIENT as err:
         msg = jobs.one_line_error(err)
         logging.warning("job %s: transient error: %s", job_id, msg)
-        with orm.Session(engine) as s:
-            attempts = s.scalar(sa.select(Job.attempts).where(Job.id == job_id)) or 0
-        state = "queued" if attempts < settings.max_attempts else "failed"
-        jobs.end(engine, job_id, worker, state, msg)
-        return state
+        return jobs.retry_or_fail(engine, job_id, worker, settings.max_attempts, msg)
     except Exception as err:  # the job's own failure (bad data, NaN loss): recorded, not raised
         msg = jobs.one_line_error(err)
         logging.warning("job %s failed: %s", job_id, msg)

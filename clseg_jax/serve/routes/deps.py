@@ -1,0 +1,133 @@
+"""What every router shares: the app's services, the request's database session, the token's
+owner, ownership lookups, and the common pieces of request/response bodies.
+
+``create_app`` puts one ``Services`` on ``app.state.services``; routes reach it (and what hangs
+off it) through the FastAPI dependencies below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import orm
+
+from clseg_jax.serve import lineage, store, uploads
+from clseg_jax.serve.db import Lineage, Token, Version
+from clseg_jax.serve.settings import Settings
+
+Id = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing or unknown token"},
+    404: {"description": "no such object for this token"},
+}
+
+
+class Strict(BaseModel):
+    """A request body: numbers must be JSON numbers, unknown fields are errors."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Predictors:
+    """Compiled predictors of the most recently used versions (at most ``size``)."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._runs: dict[str, lineage.Predictor] = {}
+        self._lock = threading.Lock()
+
+    def get(self, version_id: str, make: Callable[[], lineage.Predictor]) -> lineage.Predictor:
+        with self._lock:
+            if version_id not in self._runs:
+                if len(self._runs) >= self.size:
+                    self._runs.pop(next(iter(self._runs)))
+                self._runs[version_id] = make()
+            return self._runs[version_id]
+
+
+@dataclass
+class Services:
+    """One app's settings, database, object store, predictors and queue (set by its lifespan:
+    an in-process ``worker``, or ``celery`` with its ``reaper``)."""
+
+    settings: Settings
+    engine: sa.Engine
+    objects: store.ObjectStore
+    predictors: Predictors = field(default_factory=Predictors)
+    worker: Any = None
+    celery: Any = None
+    reaper: Any = None
+
+    @property
+    def limits(self) -> uploads.Limits:
+        s = self.settings
+        return uploads.Limits(max_bytes=s.max_upload_bytes, max_image_pixels=s.max_image_pixels)
+
+    def enqueue(self, job_id: str) -> None:
+        """Tells the queue that ``job_id`` waits (best effort: the database is the truth)."""
+        if self.worker is not None:
+            self.worker.notify()
+        elif self.celery is not None:
+            # A lost message is not a lost job: the reaper republishes stale queued jobs.
+            with contextlib.suppress(Exception):
+                self.celery.send_task("clseg.run_job", args=[job_id])
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+Svc = Annotated[Services, Depends(services)]
+
+
+def session(svc: Svc) -> Iterator[orm.Session]:
+    with orm.Session(svc.engine) as s:
+        yield s
+
+
+Session = Annotated[orm.Session, Depends(session)]
+bearer = HTTPBearer(auto_error=False)
+
+
+def owner(
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)], s: Session
+) -> str:
+    """The owner of the request's bearer token; 401 without a known one."""
+    if creds is None or creds.scheme.lower() != "bearer":
+        raise HTTPException(
+            401,
+            "missing token: send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    row = s.scalar(sa.select(Token).where(Token.token_hash == hash_token(creds.credentials)))
+    if row is None:
+        raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
+    return row.owner
+
+
+Owner = Annotated[str, Depends(owner)]
+
+
+def get_owned(s: orm.Session, model, id_: str, who: str, what: str):
+    """The ``model`` row ``id_`` if ``who`` owns it (a version: through its lineage); 404 if it
+    is missing or another owner's, alike, so that existence does not leak."""
+    row = s.get(model, id_)
+    row_owner = row.owner if row is not None and hasattr(row, "owner") else None
+    if row is not None and model is Version:
+        row_owner = s.get(Lineage, row.lineage_id).owner
+    if row is None or row_owner != who:
+        raise HTTPException(404, f"no {what} {id_}")
+    return row

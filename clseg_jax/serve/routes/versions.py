@@ -1,0 +1,103 @@
+"""``/versions``: a lineage's immutable results: summary, metrics, weights and predict."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, HTTPException, UploadFile
+from fastapi.responses import FileResponse, Response
+from pydantic import BaseModel
+
+from clseg_jax.serve import lineage, store
+from clseg_jax.serve.db import Lineage, Version
+from clseg_jax.serve.routes.deps import ERRORS, Id, Owner, Services, Session, Svc, get_owned
+
+router = APIRouter()
+
+
+class VersionOut(BaseModel):
+    id: str
+    lineage_id: str
+    number: int
+    job_id: str
+    dataset_id: str
+    created_at: float
+    avg_miou: float | None
+    forgetting: float | None
+    bwt: float | None
+
+
+def version_out(v: Version) -> VersionOut:
+    m = v.metrics
+    return VersionOut(
+        id=v.id,
+        lineage_id=v.lineage_id,
+        number=v.number,
+        job_id=v.job_id,
+        dataset_id=v.dataset_id,
+        created_at=v.created_at,
+        avg_miou=m.get("avg_miou"),
+        forgetting=m.get("forgetting"),
+        bwt=m.get("bwt"),
+    )
+
+
+def weights_file(svc: Services, v: Version) -> str:
+    """The version's weights in the local cache (fetched and verified on first use)."""
+    w = v.weights
+    path = os.path.join(svc.settings.scratch, "cache", f"{w['sha256']}.npz")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        svc.objects.get_file(w["key"], path, expect=store.StoredObject(**w))
+    return path
+
+
+@router.get("/versions/{version_id}", responses=ERRORS)
+def get_version(who: Owner, s: Session, version_id: Id) -> VersionOut:
+    return version_out(get_owned(s, Version, version_id, who, "version"))
+
+
+@router.get("/versions/{version_id}/metrics", responses=ERRORS)
+def version_metrics(who: Owner, s: Session, version_id: Id) -> dict[str, Any]:
+    """R (rows: versions 1..n; columns: experiences), summary, per-class IoU."""
+    return get_owned(s, Version, version_id, who, "version").metrics
+
+
+@router.get(
+    "/versions/{version_id}/weights",
+    responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+    response_class=Response,
+)
+def download_weights(who: Owner, s: Session, svc: Svc, version_id: Id) -> FileResponse:
+    """The version's params and BatchNorm statistics as ``.npz`` (``models.weights``)."""
+    v = get_owned(s, Version, version_id, who, "version")
+    return FileResponse(
+        weights_file(svc, v),
+        media_type="application/octet-stream",
+        filename=f"weights-{v.lineage_id}-v{v.number}.npz",
+    )
+
+
+@router.post(
+    "/versions/{version_id}/predict",
+    responses={**ERRORS, 400: {}, 413: {}, 200: {"content": {"image/png": {}}}},
+    response_class=Response,
+)
+def predict(
+    who: Owner,
+    s: Session,
+    svc: Svc,
+    version_id: Id,
+    image: Annotated[UploadFile, File(description="PNG or JPEG")],
+) -> Response:
+    """Segments an image: a PNG mask (mode L, class ids) at the image's size."""
+    v = get_owned(s, Version, version_id, who, "version")
+    spec = s.get(Lineage, v.lineage_id).spec
+    data = image.file.read(svc.settings.max_upload_bytes + 1)
+    run = svc.predictors.get(v.id, lambda: lineage.Predictor(spec, weights_file(svc, v)))
+    try:
+        png = run(data, svc.settings.max_image_pixels)
+    except ValueError as err:
+        raise HTTPException(400, str(err)) from None
+    return Response(png, media_type="image/png")
