@@ -2,7 +2,7 @@
 
 Every field of ``clseg_jax.strategies.default_hparams()`` (each strategy module's ``DEFAULTS``,
 modules in ``clseg_jax.strategies.MODULES`` order) is one row: field, default, the strategy module
-that declares it, and its meaning from ``MEANINGS`` below. A field without a meaning stops
+that declares it, and its meaning from that module's ``HELP``. A field without a meaning stops
 ``table()`` with an error naming it.
 
     python docs/strategy_table.py            # print the table
@@ -26,156 +26,21 @@ NOTE = (
     "clseg_jax.strategies.default_hparams(); do not edit by hand -->"
 )
 
-# One line per field: what it sets (sources from the module docstrings and DEFAULTS comments).
-MEANINGS: dict[str, str] = {
-    # si
-    "si_c": "penalty strength c in `c * sum Omega (theta - theta*)^2`",
-    "si_xi": "damping xi in `Omega <- relu(Omega + omega / ((theta - theta*)^2 + xi))` "
-    "(pathint's value)",
-    # lwf
-    "lwf_alpha": "weight alpha of `alpha * T^2 * KL(softmax(z_old/T) || softmax(z/T))` over the "
-    "classes the old model knew (multi-label: per-class sigmoid distillation)",
-    "lwf_temperature": "distillation temperature T",
-    # lfl
-    "lfl_lambda": "weight lambda of `||f(x) - f_old(x)||^2` (summed over channels, mean over "
-    "positions) against the frozen previous model",
-    "lfl_freeze_head": "freeze the classifier head (`params['head']`) after the first phase",
-    "lfl_layer": "`features` (the bottleneck) or `penultimate` (the head's input, the paper's "
-    "last hidden layer; in a UNet the skips bypass the bottleneck)",
-    # ewc
-    "ewc_lambda": "penalty strength lambda in `lambda * sum_k sum_i F_k,i (theta_i - "
-    "theta*_k,i)^2`",
-    "ewc_mode": "`separate`: one Fisher + anchor per past experience (fixed-size slots); "
-    "`online`: one Fisher, `F <- gamma F + F_new`",
-    "ewc_decay": "gamma of the online mode",
-    "ewc_samples": "samples per Fisher pass (quality flat from 8 to 256 on the behaviour "
-    "stream, see benchmarks.md)",
-    "ewc_batch": "samples per vectorised backward pass (`vmap(grad)`)",
-    "ewc_fisher": "`empirical`: per-sample gradients of the mean pixel log-likelihood; `batch`: "
-    "the batch-gradient variant (Avalanche's)",
-    # mas
-    "mas_lambda": "strength of the quadratic penalty (the paper's lambda for object recognition)",
-    "mas_samples": "samples per importance pass (mean of `|d ||f(x)||^2 / d theta|`)",
-    "mas_batch": "samples per vectorised backward pass",
-    # rwalk
-    "rwalk_lambda": "strength of the penalty on the [0, 1]-scaled Fisher + path score (FACIL's "
-    "default; the terms are normalised, so O(1) is the scale)",
-    "rwalk_alpha": "weight of the newest squared gradient in the EWC++ Fisher moving average",
-    "rwalk_eps": "eps in the path score's denominator `0.5 F d^2 + eps`",
-    # replay
-    "replay_mem_size": "rows in the episodic memory (BENCHMARKS.md W2: 200)",
-    "replay_batch": "replayed rows per step, added to the new batch (W2: 32 + 32)",
-    "replay_policy": "selection policy: `reservoir`, `random`, `experience_balanced`, "
-    "`class_balanced` or `herding` (see Episodic memory)",
-    # gem
-    "gem_mem_per_exp": "memory rows per experience (the Avalanche comparison's 32)",
-    "gem_margin": "memory strength gamma: dual variables `v >= margin`",
-    "gem_eps": "ridge on `G G^T` in the dual QP, as in the reference code",
-    # agem
-    "agem_mem_per_exp": "memory rows per experience",
-    "agem_sample_size": "rows per step drawn from all past experiences' memory for `g_ref`",
-    # ppi
-    "ppi_margin": "margin of the GEM projection of the shared parameters' gradient (`v >= margin`)",
-    "ppi_eps": "ridge on `G G^T` in the QP",
-    "ppi_targets": "past tasks' constraint losses against `old_model` (the previous model's "
-    "sigmoid outputs, the LwF variant) or the batch's `labels`",
-    # der
-    "der_mem_size": "rows in the reservoir (mammoth seq-mnist buffer 200)",
-    "der_batch": "rows per replayed minibatch; two minibatches per step",
-    "der_alpha": "weight of the MSE to the stored logits (mammoth seq-mnist, buffer 200)",
-    "der_beta": "weight of the task loss on the second minibatch's stored labels (mammoth "
-    "seq-mnist, buffer 200)",
-    # icarl
-    "icarl_mem_size": "total exemplars, split over the classes seen (paper: 2000)",
-    "icarl_batch": "exemplars replayed per step, added to the new batch",
-    # recall
-    "recall_source": "required: `folder:<dir>` (a sub-folder per class, e.g. web-crawled) or "
-    "`callable:<module:function>` (e.g. a GAN sampler)",
-    "recall_per_class": "replay images per past class (the paper's replay set size)",
-    "recall_replay_batch": "replay rows per step; 0 = as many as the new batch (the official "
-    "1:1 interleave)",
-    "recall_mix_labels": "label mixing: new images' background takes the old model's prediction "
-    "(False for the sequential setting and domain-incremental streams)",
-    "recall_labeler": "who labels replay images: `old_model`, or `callable:<module:function>` "
-    "(the paper's helper decoders)",
-    "recall_mem_size": "memory rows; 0 = `recall_per_class * (num_classes - 1)`",
-    # mib
-    "mib_kd": "weight of the unbiased KD (the paper's lambda; `configs/voc_ci.py` sets 100 on "
-    "VOC 15-1)",
-    "mib_alpha": "the code's `--alpha`: multiplies the old logits (1 = no change)",
-    "mib_init": "new classes' classifier initialised from the background's (bias "
-    "`b_0 - log(N_new + 1)`)",
-    "mib_ce_pixels": "`valid`: CE averaged over non-ignored pixels; `all`: the reference code's "
-    "averaging over all pixels (set by `configs/voc_ci.py`)",
-    # ilt
-    "ilt_kd": "weight of the output distillation over the old classes (MiB's reimplementation)",
-    "ilt_de": "weight of the L2 distillation of the encoder features (MiB's reimplementation)",
-    # plop
-    "plop_pod_factor": "Local POD factor on the model's `pod` maps (official `pod_factor`; "
-    "`configs/ade_ci.py`: 0.001)",
-    "plop_pod_logits_factor": "Local POD factor on the logits (official "
-    "`pod_options.switch.after.factor`; `configs/ade_ci.py`: 0.00001)",
-    "plop_pod_logits": "the small logits `head(penultimate)` are the last POD map (official "
-    "`pod_logits`)",
-    "plop_pod_scales": "Local POD strips: width/height pooling over 1, 1/2, 1/4 of the map "
-    "(official `spp_scales`)",
-    "plop_threshold": "floor of the per-class entropy thresholds for pseudo-labels (official "
-    "`threshold`)",
-    "plop_entropy_bins": "histogram resolution of the per-class median entropy (official: 100)",
-    "plop_batch": "images per old-model forward in the threshold pass",
-    "plop_init": "MiB's head initialisation for new classes (official `init_balanced`)",
-    # deepinversion
-    "di_mem_size": "synthetic images in the memory, inverted anew after each phase",
-    "di_replay_batch": "synthetic rows added to each step's batch",
-    "di_iterations": "synthesis iterations per phase (the reference's ImageNet setting: 2,000)",
-    "di_lr": "Adam learning rate on the pixels",
-    "di_bn_scale": "weight of the BatchNorm-statistics loss",
-    "di_first_bn_multiplier": "multiplier of the first BatchNorm in that loss",
-    "di_tv_l2": "weight of the L2 total-variation prior",
-    "di_l2": "weight of the L2 prior on the pixels",
-    "di_jitter": "largest random roll (pixels) per iteration",
-    "di_logit_mse": "weight of the MSE between new and old logits on the synthetic rows (the "
-    "BiSeNet project's term; 0 = off)",
-    "di_loss": "`abd` (Always Be Dreaming's loss) or `replay` (one CE over real and synthetic "
-    "rows); `auto` = abd for classification, replay for segmentation",
-    "di_kd": "weight of ABD's feature distillation `||(h - h_old) W_old||^2 / n_old`",
-    # ccsi
-    "ccsi_synthesize": "`''` = class impressions of this model (CCSI's synthesis settings), or "
-    "`callable:<module:function>`",
-    "ccsi_iterations": "synthesis iterations per phase (CCSI's code; 2000+ on a GPU)",
-    "ccsi_synth_batch": "images per independent synthesis batch (CCSI's bs)",
-    "ccsi_mem_size": "synthetic images kept (BloodMNIST's 16 batches of 40)",
-    "ccsi_replay_fraction": "expected share of synthetic rows in a batch (the code's `rs_ratio`)",
-    "ccsi_replay_batch": "synthetic rows per step; 0 = from `ccsi_replay_fraction` "
-    "(`round(B f / (1 - f))`)",
-    "ccsi_lambda": "feature-distillation weight lambda (the code's `--lamda`)",
-    "ccsi_adaptive_lambda": "scale lambda by `sqrt(n_old / n_new)` (the code's `adapt_lamda`)",
-    "ccsi_margin": "margin m of the margin ranking loss on old-class rows",
-    "ccsi_top_k": "new-class cosine scores per row in the margin ranking loss",
-    "ccsi_margin_weight": "weight of the margin ranking loss",
-    "ccsi_idc_weight": "weight of the intra-domain contrastive loss (the code's `da_coef`)",
-    "ccsi_idc_temperature": "temperature of that loss (BloodMNIST, PathMNIST: 1; OrganAMNIST, "
-    "TissueMNIST: 5)",
-    "ccsi_imprint": "imprint new classes' weights from normalised class-mean features",
-    "ccsi_freeze_old": "old classes' weights frozen in later phases",
-    "ccsi_class_weights": "class-weighted CE, weights `max(n) / n_k`",
-}
-
-
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def rows() -> list[tuple[str, object, str]]:
-    """``(field, default, module name)`` for every field, in ``MODULES`` order."""
+def rows() -> list[tuple[str, object, str, str | None]]:
+    """``(field, default, module name, meaning)`` for every field, in ``MODULES`` order."""
     from clseg_jax import strategies
 
     out = []
     for module in strategies.MODULES:
         name = module.__name__.rsplit(".", 1)[-1]
+        meanings = getattr(module, "HELP", {})
         for field, value in getattr(module, "DEFAULTS", {}).items():
-            out.append((field, value, name))
-    fields = [f for f, _, _ in out]
+            out.append((field, value, name, meanings.get(field)))
+    fields = [r[0] for r in out]
     if sorted(fields) != sorted(strategies.default_hparams()):
         raise ValueError("MODULES' DEFAULTS differ from default_hparams()")
     return out
@@ -183,19 +48,19 @@ def rows() -> list[tuple[str, object, str]]:
 
 def table() -> str:
     """The Markdown table (with its generated-by note), one row per hyperparameter."""
-    missing = [f for f, _, _ in rows() if f not in MEANINGS]
+    missing = [f"{module}.{field}" for field, _, module, meaning in rows() if not meaning]
     if missing:
-        raise KeyError(f"no meaning for {missing}: add them to MEANINGS in docs/strategy_table.py")
+        raise KeyError(f"no meaning for {missing}: add them to the module's HELP dict")
     lines = [
         NOTE,
         "",
         "| field | default | strategy module | meaning |",
         "|---|---|---|---|",
     ]
-    for field, value, module in rows():
+    for field, value, module, meaning in rows():
         link = f"[`{module}`](../clseg_jax/strategies/{module}.py)"
         default = _cell(f"`{value!r}`")
-        lines.append(f"| `{field}` | {default} | {link} | {_cell(MEANINGS[field])} |")
+        lines.append(f"| `{field}` | {default} | {link} | {_cell(meaning)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -3,12 +3,15 @@
 Every factory has the signature ``make(cfg, env) -> base.Strategy`` where ``cfg`` is the whole
 ``config.strategy`` ConfigDict (each method reads its own prefixed fields, e.g. ``ewc_lambda``) and
 ``env`` a ``base.Env`` (forward function, class count, stream length). Each strategy module
-declares its hyperparameters with their defaults in ``DEFAULTS``; ``default_hparams`` merges them
-into every config, so any of them can be overridden with ``--config.strategy.<field>=<value>``.
+declares its hyperparameters with their defaults in ``DEFAULTS`` and what each sets in ``HELP``
+(docs/strategies.md's table is generated from both); ``default_hparams`` merges them into every
+config, so any of them can be overridden with ``--config.strategy.<field>=<value>``.
 """
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -38,30 +41,6 @@ from clseg_jax.strategies import (
     si,
 )
 
-# Modules whose DEFAULTS go into config.strategy.
-MODULES = (
-    naive,
-    rehearsal,
-    si,
-    lwf,
-    lfl,
-    ewc,
-    mas,
-    rwalk,
-    replay,
-    gem,
-    agem,
-    ppi,
-    der,
-    icarl,
-    recall,
-    mib,
-    ilt,
-    plop,
-    deepinversion,
-    ccsi,
-)
-
 STRATEGIES: dict[str, Callable[..., base.Strategy]] = {
     "naive": naive.make,
     "joint": rehearsal.make_joint,
@@ -85,6 +64,13 @@ STRATEGIES: dict[str, Callable[..., base.Strategy]] = {
     "deepinversion": deepinversion.make,
     "ccsi": ccsi.make,
 }
+
+
+# The modules of the registered factories, in registry order: their DEFAULTS go into every
+# config.strategy (so registering a strategy is its one STRATEGIES line).
+MODULES: tuple[types.ModuleType, ...] = tuple(
+    dict.fromkeys(sys.modules[f.__module__] for f in STRATEGIES.values())
+)
 
 
 def default_hparams() -> dict[str, Any]:

@@ -24,6 +24,12 @@ DEFAULTS = {
     "agem_sample_size": 32,  # rows per step for the reference gradient
 }
 
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "agem_mem_per_exp": "memory rows per experience",
+    "agem_sample_size": "rows per step drawn from all past experiences' memory for `g_ref`",
+}
+
 
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     q, n = int(cfg.agem_mem_per_exp), int(cfg.agem_sample_size)

@@ -127,6 +127,33 @@ DEFAULTS = {
     "ccsi_freeze_old": True,
     "ccsi_class_weights": True,
 }
+
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "ccsi_synthesize": (
+        "`''` = class impressions of this model (CCSI's synthesis settings), or "
+        "`callable:<module:function>`"
+    ),
+    "ccsi_iterations": "synthesis iterations per phase (CCSI's code; 2000+ on a GPU)",
+    "ccsi_synth_batch": "images per independent synthesis batch (CCSI's bs)",
+    "ccsi_mem_size": "synthetic images kept (BloodMNIST's 16 batches of 40)",
+    "ccsi_replay_fraction": "expected share of synthetic rows in a batch (the code's `rs_ratio`)",
+    "ccsi_replay_batch": (
+        "synthetic rows per step; 0 = from `ccsi_replay_fraction` (`round(B f / (1 - f))`)"
+    ),
+    "ccsi_lambda": "feature-distillation weight lambda (the code's `--lamda`)",
+    "ccsi_adaptive_lambda": "scale lambda by `sqrt(n_old / n_new)` (the code's `adapt_lamda`)",
+    "ccsi_margin": "margin m of the margin ranking loss on old-class rows",
+    "ccsi_top_k": "new-class cosine scores per row in the margin ranking loss",
+    "ccsi_margin_weight": "weight of the margin ranking loss",
+    "ccsi_idc_weight": "weight of the intra-domain contrastive loss (the code's `da_coef`)",
+    "ccsi_idc_temperature": (
+        "temperature of that loss (BloodMNIST, PathMNIST: 1; OrganAMNIST, TissueMNIST: 5)"
+    ),
+    "ccsi_imprint": "imprint new classes' weights from normalised class-mean features",
+    "ccsi_freeze_old": "old classes' weights frozen in later phases",
+    "ccsi_class_weights": "class-weighted CE, weights `max(n) / n_k`",
+}
 _SALT = 0xC51  # separates the synthesis keys from other seeded randomness
 _HOST_BATCH = 64  # rows per host-side forward between phases
 

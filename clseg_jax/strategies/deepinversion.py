@@ -85,6 +85,28 @@ DEFAULTS = {
     "di_kd": 0.1,
 }
 
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "di_mem_size": "synthetic images in the memory, inverted anew after each phase",
+    "di_replay_batch": "synthetic rows added to each step's batch",
+    "di_iterations": "synthesis iterations per phase (the reference's ImageNet setting: 2,000)",
+    "di_lr": "Adam learning rate on the pixels",
+    "di_bn_scale": "weight of the BatchNorm-statistics loss",
+    "di_first_bn_multiplier": "multiplier of the first BatchNorm in that loss",
+    "di_tv_l2": "weight of the L2 total-variation prior",
+    "di_l2": "weight of the L2 prior on the pixels",
+    "di_jitter": "largest random roll (pixels) per iteration",
+    "di_logit_mse": (
+        "weight of the MSE between new and old logits on the synthetic rows (the BiSeNet "
+        "project's term; 0 = off)"
+    ),
+    "di_loss": (
+        "`abd` (Always Be Dreaming's loss) or `replay` (one CE over real and synthetic rows); "
+        "`auto` = abd for classification, replay for segmentation"
+    ),
+    "di_kd": "weight of ABD's feature distillation `||(h - h_old) W_old||^2 / n_old`",
+}
+
 
 class DIState(NamedTuple):
     snap: snapshot.Snapshot

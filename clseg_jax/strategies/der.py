@@ -50,6 +50,17 @@ DEFAULTS = {
     "der_beta": 1.0,  # weight of the replayed-label CE (mammoth seq-mnist, buffer 200)
 }
 
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "der_mem_size": "rows in the reservoir (mammoth seq-mnist buffer 200)",
+    "der_batch": "rows per replayed minibatch; two minibatches per step",
+    "der_alpha": "weight of the MSE to the stored logits (mammoth seq-mnist, buffer 200)",
+    "der_beta": (
+        "weight of the task loss on the second minibatch's stored labels (mammoth seq-mnist, "
+        "buffer 200)"
+    ),
+}
+
 
 class DerState(NamedTuple):
     memory: buffer.Buffer  # extra["logits"]: float32 [M,*L,K], eval-mode logits at storage time

@@ -37,6 +37,27 @@ DEFAULTS = {
     "ewc_batch": 16,  # samples per vectorised backward pass
     "ewc_fisher": "empirical",  # empirical | batch
 }
+
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "ewc_lambda": (
+        "penalty strength lambda in `lambda * sum_k sum_i F_k,i (theta_i - theta*_k,i)^2`"
+    ),
+    "ewc_mode": (
+        "`separate`: one Fisher + anchor per past experience (fixed-size slots); `online`: one "
+        "Fisher, `F <- gamma F + F_new`"
+    ),
+    "ewc_decay": "gamma of the online mode",
+    "ewc_samples": (
+        "samples per Fisher pass (quality flat from 8 to 256 on the behaviour stream, see "
+        "benchmarks.md)"
+    ),
+    "ewc_batch": "samples per vectorised backward pass (`vmap(grad)`)",
+    "ewc_fisher": (
+        "`empirical`: per-sample gradients of the mean pixel log-likelihood; `batch`: the "
+        "batch-gradient variant (Avalanche's)"
+    ),
+}
 MODES = ("separate", "online")
 FISHERS = ("empirical", "batch")
 

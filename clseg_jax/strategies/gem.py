@@ -36,6 +36,13 @@ DEFAULTS = {
     "gem_eps": 1e-3,  # ridge on G G^T, as in the reference code
 }
 
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "gem_mem_per_exp": "memory rows per experience (the Avalanche comparison's 32)",
+    "gem_margin": "memory strength gamma: dual variables `v >= margin`",
+    "gem_eps": "ridge on `G G^T` in the dual QP, as in the reference code",
+}
+
 
 def memory_gradient(
     forward: base.Forward, task: tasks.Task, inputs: base.LossInputs, rows: dict, ok: jax.Array

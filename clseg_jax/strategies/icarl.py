@@ -47,6 +47,12 @@ DEFAULTS = {
     "icarl_batch": 32,  # exemplars replayed per step, added to the new batch
 }
 
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "icarl_mem_size": "total exemplars, split over the classes seen (paper: 2000)",
+    "icarl_batch": "exemplars replayed per step, added to the new batch",
+}
+
 
 class IcarlState(NamedTuple):
     memory: buffer.Buffer  # the exemplars

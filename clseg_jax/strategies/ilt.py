@@ -40,6 +40,12 @@ PyTree = Any
 
 DEFAULTS = {"ilt_kd": 100.0, "ilt_de": 100.0}
 
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "ilt_kd": "weight of the output distillation over the old classes (MiB's reimplementation)",
+    "ilt_de": "weight of the L2 distillation of the encoder features (MiB's reimplementation)",
+}
+
 
 def output_distillation(
     new_logits: jax.Array, old_logits: jax.Array, old_mask: jax.Array

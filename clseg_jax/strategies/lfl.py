@@ -45,6 +45,19 @@ from clseg_jax.strategies import base, snapshot
 PyTree = Any
 
 DEFAULTS = {"lfl_lambda": 0.1, "lfl_freeze_head": False, "lfl_layer": "features"}
+
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "lfl_lambda": (
+        "weight lambda of `||f(x) - f_old(x)||^2` (summed over channels, mean over positions) "
+        "against the frozen previous model"
+    ),
+    "lfl_freeze_head": "freeze the classifier head (`params['head']`) after the first phase",
+    "lfl_layer": (
+        "`features` (the bottleneck) or `penultimate` (the head's input, the paper's last "
+        "hidden layer; in a UNet the skips bypass the bottleneck)"
+    ),
+}
 LAYERS = ("features", "penultimate")
 
 

@@ -36,6 +36,15 @@ PyTree = Any
 
 DEFAULTS = {"lwf_alpha": 1.0, "lwf_temperature": 2.0}
 
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "lwf_alpha": (
+        "weight alpha of `alpha * T^2 * KL(softmax(z_old/T) || softmax(z/T))` over the classes "
+        "the old model knew (multi-label: per-class sigmoid distillation)"
+    ),
+    "lwf_temperature": "distillation temperature T",
+}
+
 
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     alpha, temperature = float(cfg.lwf_alpha), float(cfg.lwf_temperature)

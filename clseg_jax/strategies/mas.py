@@ -39,6 +39,13 @@ DEFAULTS = {
     "mas_batch": 16,  # samples per vectorised backward pass
 }
 
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "mas_lambda": "strength of the quadratic penalty (the paper's lambda for object recognition)",
+    "mas_samples": "samples per importance pass (mean of `|d ||f(x)||^2 / d theta|`)",
+    "mas_batch": "samples per vectorised backward pass",
+}
+
 
 class MASState(NamedTuple):
     omega: PyTree  # p.shape: running average of the experiences' importances

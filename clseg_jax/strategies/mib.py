@@ -55,6 +55,21 @@ PyTree = Any
 
 DEFAULTS = {"mib_kd": 10.0, "mib_alpha": 1.0, "mib_init": True, "mib_ce_pixels": "valid"}
 
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "mib_kd": (
+        "weight of the unbiased KD (the paper's lambda; `configs/voc_ci.py` sets 100 on VOC 15-1)"
+    ),
+    "mib_alpha": "the code's `--alpha`: multiplies the old logits (1 = no change)",
+    "mib_init": (
+        "new classes' classifier initialised from the background's (bias `b_0 - log(N_new + 1)`)"
+    ),
+    "mib_ce_pixels": (
+        "`valid`: CE averaged over non-ignored pixels; `all`: the reference code's averaging "
+        "over all pixels (set by `configs/voc_ci.py`)"
+    ),
+}
+
 
 class MiBState(NamedTuple):
     snap: snapshot.Snapshot

@@ -90,6 +90,30 @@ DEFAULTS = {
     "plop_init": True,  # official --method PLOP: init_balanced (MiB's head initialisation)
 }
 
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "plop_pod_factor": (
+        "Local POD factor on the model's `pod` maps (official `pod_factor`; "
+        "`configs/ade_ci.py`: 0.001)"
+    ),
+    "plop_pod_logits_factor": (
+        "Local POD factor on the logits (official `pod_options.switch.after.factor`; "
+        "`configs/ade_ci.py`: 0.00001)"
+    ),
+    "plop_pod_logits": (
+        "the small logits `head(penultimate)` are the last POD map (official `pod_logits`)"
+    ),
+    "plop_pod_scales": (
+        "Local POD strips: width/height pooling over 1, 1/2, 1/4 of the map (official `spp_scales`)"
+    ),
+    "plop_threshold": (
+        "floor of the per-class entropy thresholds for pseudo-labels (official `threshold`)"
+    ),
+    "plop_entropy_bins": "histogram resolution of the per-class median entropy (official: 100)",
+    "plop_batch": "images per old-model forward in the threshold pass",
+    "plop_init": "MiB's head initialisation for new classes (official `init_balanced`)",
+}
+
 
 class State(NamedTuple):
     snap: snapshot.Snapshot

@@ -35,6 +35,16 @@ from clseg_jax.strategies import base, snapshot
 PyTree = Any
 
 DEFAULTS = {"ppi_margin": 1.0, "ppi_eps": 1e-3, "ppi_targets": "old_model"}
+
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "ppi_margin": "margin of the GEM projection of the shared parameters' gradient (`v >= margin`)",
+    "ppi_eps": "ridge on `G G^T` in the QP",
+    "ppi_targets": (
+        "past tasks' constraint losses against `old_model` (the previous model's sigmoid "
+        "outputs, the LwF variant) or the batch's `labels`"
+    ),
+}
 TARGETS = ("old_model", "labels")
 
 

@@ -77,6 +77,27 @@ DEFAULTS = {
     "recall_labeler": "old_model",  # or "callable:<module:function>"
     "recall_mem_size": 0,  # 0 = recall_per_class * (num_classes - 1)
 }
+
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "recall_source": (
+        "required: `folder:<dir>` (a sub-folder per class, e.g. web-crawled) or "
+        "`callable:<module:function>` (e.g. a GAN sampler)"
+    ),
+    "recall_per_class": "replay images per past class (the paper's replay set size)",
+    "recall_replay_batch": (
+        "replay rows per step; 0 = as many as the new batch (the official 1:1 interleave)"
+    ),
+    "recall_mix_labels": (
+        "label mixing: new images' background takes the old model's prediction (False for the "
+        "sequential setting and domain-incremental streams)"
+    ),
+    "recall_labeler": (
+        "who labels replay images: `old_model`, or `callable:<module:function>` (the paper's "
+        "helper decoders)"
+    ),
+    "recall_mem_size": "memory rows; 0 = `recall_per_class * (num_classes - 1)`",
+}
 OLD_MODEL = "old_model"
 _SALT = 0x7EC  # separates the replay draws from other seeded host randomness
 

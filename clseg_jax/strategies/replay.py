@@ -24,6 +24,16 @@ DEFAULTS = {
     "replay_policy": "reservoir",
 }
 
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "replay_mem_size": "rows in the episodic memory (BENCHMARKS.md W2: 200)",
+    "replay_batch": "replayed rows per step, added to the new batch (W2: 32 + 32)",
+    "replay_policy": (
+        "selection policy: `reservoir`, `random`, `experience_balanced`, `class_balanced` or "
+        "`herding` (see Episodic memory)"
+    ),
+}
+
 
 def memory_rng(seed: int, phase_index: int, salt: int) -> np.random.Generator:
     """The selection generator for one phase: fixed by the run's seed, different per phase."""

@@ -46,6 +46,16 @@ DEFAULTS = {
     "rwalk_eps": 1e-8,
 }
 
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "rwalk_lambda": (
+        "strength of the penalty on the [0, 1]-scaled Fisher + path score (FACIL's default; the"
+        " terms are normalised, so O(1) is the scale)"
+    ),
+    "rwalk_alpha": "weight of the newest squared gradient in the EWC++ Fisher moving average",
+    "rwalk_eps": "eps in the path score's denominator `0.5 F d^2 + eps`",
+}
+
 
 class RWalkState(NamedTuple):
     fisher: PyTree  # EMA of squared task gradients, running over the whole stream

@@ -45,6 +45,14 @@ PyTree = Any
 
 DEFAULTS = {"si_c": 0.1, "si_xi": 1e-3}
 
+# What each field of DEFAULTS sets (the hyperparameter table of docs/strategies.md).
+HELP = {
+    "si_c": "penalty strength c in `c * sum Omega (theta - theta*)^2`",
+    "si_xi": (
+        "damping xi in `Omega <- relu(Omega + omega / ((theta - theta*)^2 + xi))` (pathint's value)"
+    ),
+}
+
 
 class SIState(NamedTuple):
     omega: PyTree  # running path integral of -g * delta over the current phase
