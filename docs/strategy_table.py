@@ -26,6 +26,7 @@ NOTE = (
     "clseg_jax.strategies.default_hparams(); do not edit by hand -->"
 )
 
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
