@@ -46,6 +46,8 @@ class Parts(NamedTuple):
       tx: the optimizer; ``tx_init`` its jitted ``init``.
       arrays: the initial ``{"state": TrainState, "sstate", "rng"}``, placed.
       evaluator: scores parameters on the stream's test sets.
+      task_il: each experience is also scored task-incrementally (``eval_task_il`` or
+        ``task_incremental``; classification only).
     """
 
     config: ml_collections.ConfigDict
@@ -63,6 +65,7 @@ class Parts(NamedTuple):
     tx_init: Callable
     arrays: dict
     evaluator: evaluate.Evaluator
+    task_il: bool
 
 
 def validate_names(config: ml_collections.ConfigDict) -> None:
@@ -213,6 +216,7 @@ def build(
         tx_init,
         jax.device_put(arrays, shardings),
         evaluator,
+        task_il,
     )
 
 

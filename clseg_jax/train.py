@@ -86,7 +86,6 @@ class _Run:
             run_name=os.path.basename(self.workdir),
             config=config.to_dict(),
         )
-        self.task_il = bool(config.get("eval_task_il", False) or config.get("task_incremental"))
         self.stop_requested = False
 
     def __enter__(self):
@@ -218,7 +217,7 @@ class _Run:
 
         t0 = time.perf_counter()
         ev = parts.evaluator.after_phase(
-            state.params, state.batch_stats, sstate, phase, task_il=self.task_il
+            state.params, state.batch_stats, sstate, phase, task_il=parts.task_il
         )
         timing["eval_s"] += time.perf_counter() - t0
         row = [parts.evaluator.score(c, j) for j, c in enumerate(ev.row)]

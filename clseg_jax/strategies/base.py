@@ -240,6 +240,7 @@ class Strategy(NamedTuple):
 
 
 OWNER = "owner"  # the batch key chain adds: int8 [rows], 0 = the experience's own rows
+PRIVATE = "_private"  # and the keys each member added, one dict per member, as it left them
 
 
 def _rows(tree, idx: np.ndarray | slice, total: int):
@@ -313,17 +314,15 @@ def chain(*strategies: Strategy, names: tuple[str, ...] = ()) -> Strategy:
 
     def prepare_batch(batch, sstate, key):
         keys = jax.random.split(key, len(strategies))
-        total = batch["image"].shape[0]
-        owner = np.zeros(total, np.int8)
-        shared = [k for k in batch if k != OWNER]
+        b = batch["image"].shape[0]  # the experience's rows stay first
+        owner = np.zeros(b, np.int8)
+        shared = list(batch)
         private: list[dict] = [{} for _ in strategies]
         for i, (s, st, k) in enumerate(zip(strategies, sstate, keys, strict=True)):
             if not appends[i]:
                 continue
-            idx = _view_index(owner, i, True)
-            view = {key_: _rows(batch[key_], idx, total) for key_ in shared}
-            out = s.prepare_batch(view, st, k)
-            b = int(np.sum(owner == 0))
+            # Before appending, a member's rows are the experience's alone.
+            out = s.prepare_batch({key_: batch[key_][:b] for key_ in shared}, st, k)
             n = out["image"].shape[0] - b
             for key_ in shared:
                 if out[key_].shape[0] != b + n:
@@ -338,9 +337,8 @@ def chain(*strategies: Strategy, names: tuple[str, ...] = ()) -> Strategy:
                 for key_ in shared
             }
             owner = np.concatenate([owner, np.full(n, i + 1, np.int8)])
-            total = len(owner)
             private[i] = {key_: v for key_, v in out.items() if key_ not in shared}
-        return {**batch, OWNER: owner, "_private": tuple(private)}
+        return {**batch, OWNER: owner, PRIVATE: tuple(private)}
 
     def member_inputs(inputs: LossInputs, i: int) -> LossInputs:
         """Member ``i``'s view of the chained batch and outputs."""
@@ -350,8 +348,8 @@ def chain(*strategies: Strategy, names: tuple[str, ...] = ()) -> Strategy:
         owner = batch[OWNER]
         idx = _view_index(owner, i, appends[i])
         total = len(owner)
-        shared = {k: v for k, v in batch.items() if k not in (OWNER, "_private")}
-        view = {**_rows(shared, idx, total), **batch["_private"][i]}
+        shared = {k: v for k, v in batch.items() if k not in (OWNER, PRIVATE)}
+        view = {**_rows(shared, idx, total), **batch[PRIVATE][i]}
         return inputs._replace(batch=view, outputs=_rows(inputs.outputs, idx, total))
 
     def loss(inputs, sstate, key):
