@@ -3,7 +3,8 @@
 The VOC-layout tiny stream, two steps, each paper method whose loss reads more than the logits:
 PLOP its pooled maps (``pod``), ILT the encoder features (``features``), MiB the logits of its
 reinitialised head. Both phases run as ``train.run`` runs them (``setup.build``, the jitted step,
-the strategy's hooks) and the step compiles once for the stream. Then, on a batch of the second
+the strategy's hooks) and the step compiles once for the stream; old/new/all mIoU is reported on
+the full test set. Then, on a batch of the second
 phase, the method's own term must read the model's output: it is positive, and replacing that
 output by the frozen model's changes it (to zero for ILT's feature distillation, to PLOP's
 logits-map part alone for its pooled-output distillation).
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clseg_jax import losses, setup, sharding
+from clseg_jax import losses, results, setup, sharding
 from clseg_jax.strategies import base, snapshot
 from configs import voc_ci
 from tests import tiny
@@ -36,9 +37,20 @@ def test_method_reads_the_models_outputs(model, method, term, read, left):
     cfg = voc_ci.get_config(f"tiny,task=3-1,method={method},model={model},epochs=1")
     assert cfg.model.name == model
     parts = setup.build(cfg)
-    driven = tiny.drive(parts, evaluate=False)
+    evals = []
+
+    def on_end(phase, state, sstate):
+        evals.append(parts.evaluator.after_phase(state.params, state.batch_stats, sstate, phase))
+
+    driven = tiny.drive(parts, evaluate=False, on_end=on_end)
     assert driven.compiles[0] > 0 and driven.compiles[1] == 0, driven.compiles
     assert driven.first_bad_step == [-1, -1]
+    # What results.json reports for these models: old/new/all per step on the full test set.
+    table = results.old_new_all(
+        parts.phases, [e.row for e in evals], [e.full for e in evals], parts.task
+    )
+    assert table["old_new_all_on"] == "full test set" and len(table["old_new_all"]) == 2
+    assert all(0.0 <= v <= 1.0 for v in table["old_new_all"][-1].values())
 
     state, sstate = driven.state, driven.sstate
     phase = parts.phases[1]

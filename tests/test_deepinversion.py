@@ -333,7 +333,7 @@ def test_vmapped_syntheses_equal_one_by_one_runs(teacher, first_run, loop):
             fn, tvars, targets[g], keys[g], CFG, image_shape=(SIZE, SIZE, 3), loop=loop
         )
         assert_same_synthesis(images[g], one, images[1 - g])
-        np.testing.assert_allclose(info["main"][g], one_info["main"], rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(info["main"][g], one_info["main"], rtol=1e-4, atol=1e-5)
     assert not np.allclose(images[0], images[1])
 
 
