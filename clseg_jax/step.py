@@ -55,6 +55,12 @@ def new_monitor() -> Monitor:
     return Monitor(first_bad_step=jnp.array(-1, jnp.int32))
 
 
+def fresh_accumulators(mesh) -> tuple[TrainMetrics, Monitor]:
+    """Empty metrics and monitor placed as ``jit_train_step`` returns them (replicated): fresh
+    uncommitted ones would give the jitted step a second cache key, so it compiled twice."""
+    return jax.device_put((TrainMetrics.empty(), new_monitor()), sharding.replicated(mesh))
+
+
 # ImageNet channel statistics (torchvision's), for backbones converted from ImageNet weights.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

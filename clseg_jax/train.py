@@ -169,7 +169,7 @@ class _Run:
         batch_sh = sharding.batch_sharding(parts.mesh)
         mask = jax.device_put(jnp.asarray(phase.class_mask), repl)
         rng = self.arrays["rng"]
-        metrics, monitor = step_lib.TrainMetrics.empty(), step_lib.new_monitor()
+        metrics, monitor = step_lib.fresh_accumulators(parts.mesh)
         n_steps = len(dataset)
         bar = tqdm.tqdm(
             total=n_steps,

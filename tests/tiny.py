@@ -136,7 +136,7 @@ def drive(
         if on_begin is not None:
             on_begin(phase, state, sstate)
         with compiles.Counter() as counter:
-            metrics, monitor = step_lib.TrainMetrics.empty(), step_lib.new_monitor()
+            metrics, monitor = step_lib.fresh_accumulators(parts.mesh)
             mask = jax.device_put(jnp.asarray(phase.class_mask), repl)
             for local in dataset:
                 batch = sharding.global_batch(local, batch_sh)

@@ -43,14 +43,22 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
 }
 
 
-def make(cfg: ml_collections.ConfigDict, num_classes: int, seed: int) -> nnx.Module:
-    """Builds ``MODELS[cfg.name]`` eagerly, with the head sized to ``num_classes``."""
+def init_key(seed: int) -> jax.Array:
+    """The initialisers' key for ``seed``.
+
+    XLA:CPU compiles threefry-based initialisers slowly (27 s for the W1 UNet, 4 s with rbg);
+    rbg is deterministic given the seed on a given backend, which is all initialisation needs.
+    """
+    return jax.random.key(seed, impl="rbg")
+
+
+def make(cfg: ml_collections.ConfigDict, num_classes: int, seed: int | jax.Array) -> nnx.Module:
+    """Builds ``MODELS[cfg.name]`` eagerly, with the head sized to ``num_classes``; ``seed`` is an
+    int or an ``init_key``."""
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model {cfg.name!r}; valid: {sorted(MODELS)}")
-    # XLA:CPU compiles threefry-based initialisers slowly (27 s for the W1 UNet, 4 s with rbg);
-    # rbg is deterministic given the seed on a given backend, which is all initialisation needs.
-    rngs = nnx.Rngs(jax.random.key(seed, impl="rbg"))
-    return MODELS[cfg.name](num_classes=num_classes, rngs=rngs, **dict(cfg.kwargs))
+    key = init_key(seed) if isinstance(seed, int) else seed
+    return MODELS[cfg.name](num_classes=num_classes, rngs=nnx.Rngs(key), **dict(cfg.kwargs))
 
 
 def init(
@@ -59,13 +67,15 @@ def init(
     """``(graphdef, params, batch_stats)`` as pure dicts, initialised in one compiled program.
 
     Building the module eagerly runs (and compiles) every initialiser separately: one XLA
-    compilation per layer. Under ``jax.jit`` the whole initialisation is a single program.
+    compilation per layer. Under ``jax.jit`` the whole initialisation is a single program; the
+    key is its argument, so every seed shares one compiled program (and the persistent cache
+    entry) instead of compiling its own.
     """
 
-    def build():
-        _, params, stats = nnx.split(make(cfg, num_classes, seed), nnx.Param, nnx.BatchStat)
+    def build(key):
+        _, params, stats = nnx.split(make(cfg, num_classes, key), nnx.Param, nnx.BatchStat)
         return params.to_pure_dict(), stats.to_pure_dict()
 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(cfg, num_classes, seed)))
-    params, stats = jax.jit(build)()
+    params, stats = jax.jit(build)(init_key(seed))
     return graphdef, params, stats

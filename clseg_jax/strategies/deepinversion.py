@@ -273,6 +273,14 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
         value = snap.active * mse_weight * jnp.sum(per_row * row_ok) / jnp.maximum(row_ok.sum(), 1)
         return total + value, {**logs, "di_logit_mse": value}
 
+    # One program: run eagerly, the forward compiled one small program per op.
+    @jax.jit
+    def dense_labels(snap, images):
+        """The frozen model's labels of its own dreams, ``uint8 [N,H,W]``."""
+        logits = snapshot.outputs(env.forward, snap, images)["logits"]
+        logits = losses.mask_logits(logits, snap.class_mask)
+        return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+
     def after_phase(params, batch_stats, state: DIState, phase: base.Phase) -> DIState:
         snap = snapshot.take(params, batch_stats, phase.class_mask)
         classes = tuple(c for c in phase.seen_classes if not (dense and c == 0))
@@ -300,9 +308,7 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
             float(info["final_bn"]),
         )
         if dense:
-            logits = snapshot.outputs(env.forward, snap, images)["logits"]
-            logits = losses.mask_logits(logits, snap.class_mask)
-            labels = jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+            labels = dense_labels(snap, images)
         else:
             labels = jnp.asarray(wanted, jnp.uint8)
         memory = state.memory._replace(

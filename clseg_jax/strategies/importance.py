@@ -144,7 +144,9 @@ def mean_over_samples(
 ) -> tuple[PyTree, int]:
     """Runs ``batch_fn`` over the phase's first ``num_samples`` samples; returns the accumulated
     sum divided by the number of samples used (zeros if the phase has none) and that number."""
-    acc = _zeros(params)
+    # Placed as params are, so the first call and the later ones (given batch_fn's output) share
+    # one compiled program.
+    acc = base.place_like(_zeros(params), params)
     mask = np.asarray(phase.class_mask, bool)
     n = 0
     for batch, weights in padded_batches(phase, batch_size, num_samples):

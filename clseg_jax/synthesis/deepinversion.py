@@ -445,6 +445,18 @@ def _host_finish(fns: _Fns, ctx: dict, images, history, stacked_teacher: bool | 
     return jax.vmap(one, in_axes=(_group_axes(stacked_teacher), 0, 0))(ctx, images, history)
 
 
+def _like_iteration_outputs(carry, ctx: dict):
+    """``carry`` replicated over the teacher's mesh, as ``_host_iteration`` returns it, so the
+    first iteration and the later ones share one compiled program (they compiled twice)."""
+    leaf = jax.tree.leaves(ctx["teacher_vars"])[0]
+    sharding = getattr(leaf, "sharding", None)
+    if not (isinstance(leaf, jax.Array) and leaf.committed and hasattr(sharding, "mesh")):
+        return carry
+    return jax.device_put(
+        carry, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    )
+
+
 def _run_host(fns: _Fns, ctx: dict, key, init, stacked_teacher: bool | None = None):
     """``_run``'s loop dispatched from Python, one compiled iteration at a time (with
     ``stacked_teacher`` not None: ``_run_many``'s, every iteration ``vmap``ped over groups).
@@ -455,6 +467,7 @@ def _run_host(fns: _Fns, ctx: dict, key, init, stacked_teacher: bool | None = No
     per-iteration parts stay device arrays until they are stacked."""
     many = stacked_teacher is not None
     carry, k_loop = _host_start(fns.static, ctx["hyper"], ctx["targets"], key, init, many)
+    carry = _like_iteration_outputs(carry, ctx)
     history = []
     for i in range(fns.static.iterations):
         carry, parts = _host_iteration(fns, ctx, k_loop, carry, jnp.int32(i), stacked_teacher)
