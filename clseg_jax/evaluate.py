@@ -64,13 +64,17 @@ def make_score_step(forward: base.Forward) -> Callable:
 class Evaluator:
     """Evaluates parameters on the test sets of a stream with one compiled step.
 
+    The shared half: rows of the accuracy matrix, their scores and what is measured after a
+    phase. What a test set's statistic is comes from the subclass, picked by ``make`` from the
+    task's ``statistic``: ``ConfusionEvaluator`` (``[K,K]`` confusion: segmentation,
+    classification) or ``APEvaluator`` (``[K]`` average precisions: multi-label).
+
     Args:
       forward: the model's forward function.
       stream: the stream whose test sets are evaluated.
       mesh: device mesh; batches are split over its data axis.
       batch_size: global evaluation batch size.
-      task: what is scored (``tasks.Task``); a confusion per test set, or for "multilabel" the
-        average precision of every class ``[K]``.
+      task: what is scored (``tasks.Task``).
       predict: the strategy's evaluation rule (``Strategy.predict``), or None for the argmax of
         the logits; with one, pass the strategy state as ``sstate`` to ``compile`` / ``row`` /
         ``row_task_il`` / ``evaluate``.
@@ -85,10 +89,6 @@ class Evaluator:
         task: tasks.Task = tasks.SEGMENTATION,
         predict: base.Predict | None = None,
     ):
-        if predict is not None and task.metric == "map":
-            raise ValueError(
-                f"a strategy's predict needs a segmentation or classification task, not {task.name}"
-            )
         self.stream = stream
         self.predict = predict
         self.task = task
@@ -96,14 +96,6 @@ class Evaluator:
         self.batch_size = batch_size
         self._batch_sharding = sharding.batch_sharding(mesh)
         self._repl = sharding.replicated(mesh)
-        if task.metric == "map":
-            self._step = jax.jit(make_score_step(forward), out_shardings=self._repl)
-        else:
-            self._step = jax.jit(
-                make_eval_step(forward, stream.num_classes, predict),
-                out_shardings=self._repl,
-                donate_argnums=(2,),
-            )
         self._compiled = None
 
     def _sstate(self, sstate):
@@ -118,109 +110,17 @@ class Evaluator:
             raise ValueError("this Evaluator scores with a strategy's predict: pass its sstate")
         return jax.device_put(sstate, self._repl)
 
-    def compile(self, params, batch_stats, sstate=None) -> None:
-        """Compiles ahead of time (so compile time is measured apart from evaluation)."""
-        k = self.stream.num_classes
+    def _batch_struct(self) -> dict[str, jax.ShapeDtypeStruct]:
         x = self.stream.experiences[0].test[0]
-        batch = {
-            "image": jax.ShapeDtypeStruct(
-                (self.batch_size, *x["image"].shape), jnp.uint8, sharding=self._batch_sharding
-            ),
-            "label": jax.ShapeDtypeStruct(
-                (self.batch_size, *x["label"].shape), jnp.uint8, sharding=self._batch_sharding
-            ),
+        return {
+            key: jax.ShapeDtypeStruct(
+                (self.batch_size, *x[key].shape), jnp.uint8, sharding=self._batch_sharding
+            )
+            for key in ("image", "label")
         }
-        if self.task.metric == "map":
-            self._compiled = self._step.lower(params, batch_stats, batch).compile()
-            return
-        conf = jax.ShapeDtypeStruct((k, k), jnp.int32, sharding=self._repl)
-        mask = jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=self._repl)
-        st = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._repl),
-            self._sstate(sstate),
-        )
-        self._compiled = self._step.lower(params, batch_stats, conf, batch, mask, st).compile()
 
-    def evaluate(
-        self, params, batch_stats, experience: int, class_mask: np.ndarray, sstate=None
-    ) -> np.ndarray:
-        """An experience's test statistic: ``[K,K]`` confusion, or ``[K]`` APs (multi-label)."""
-        if self._compiled is None:
-            self.compile(params, batch_stats, sstate)
-        if self.task.metric == "map":
-            return self.average_precisions(params, batch_stats, experience)
-        return self.confusion(params, batch_stats, experience, class_mask, sstate)
-
-    def _scores(self, params, batch_stats, experience: int):
-        """Scores, labels and image fingerprints of an experience's test set (padding dropped);
-        on device until the set ends: one host read."""
-        if self._compiled is None:
-            self.compile(params, batch_stats)
-        out = []
-        for local in loader.eval_batches(
-            self.stream.experiences[experience].test,
-            np.ones(self.stream.num_classes, bool),
-            global_batch=self.batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        ):
-            batch = sharding.global_batch(local, self._batch_sharding)
-            out.append(self._compiled(params, batch_stats, batch))
-        s, y, f = (
-            np.asarray(a) for a in jax.device_get(jax.tree.map(lambda *a: jnp.concatenate(a), *out))
-        )
-        keep = ~(y == 255).all(axis=1)  # padding rows
-        return s[keep], y[keep], f[keep]
-
-    def average_precisions(self, params, batch_stats, experience: int) -> np.ndarray:
-        """``[K]`` AP of each class on an experience's test set (full labels; NaN where a class
-        has no positive)."""
-        s, y, _ = self._scores(params, batch_stats, experience)
-        return metrics.average_precision_per_class(s, y)
-
-    def overall_map(self, params, batch_stats, experiences, classes) -> float:
-        """Mean AP over ``classes`` on the union of the experiences' test sets, each image once
-        (an image holding classes of two tasks is in both tasks' sets)."""
-        parts = [self._scores(params, batch_stats, j) for j in experiences]
-        s, y, f = (np.concatenate(a) for a in zip(*parts, strict=True))
-        _, first = np.unique(np.concatenate([f[:, None], y], axis=1), axis=0, return_index=True)
-        ap = metrics.average_precision_per_class(s[first], y[first])
-        return metrics.nanmean(ap[list(classes)])
-
-    def confusion(
-        self, params, batch_stats, experience: int, class_mask: np.ndarray, sstate=None
-    ) -> np.ndarray:
-        """``[K,K]`` confusion on an experience's test set, labels of classes seen by then."""
-        visible = self.stream.class_mask(self.stream.seen_classes(experience))
-        return self.confusion_on(
-            self.stream.experiences[experience].test,
-            params,
-            batch_stats,
-            visible,
-            class_mask,
-            sstate,
-        )
-
-    def full_test(
-        self, params, batch_stats, seen_classes, class_mask: np.ndarray, sstate=None
-    ) -> np.ndarray:
-        """``[K,K]`` confusion on the stream's full test set (``Stream.test``), labels of the
-        classes seen so far: the MiB/PLOP tables' evaluation."""
-        if self.stream.test is None:
-            raise ValueError(f"stream {self.stream.name!r} has no full test set")
-        visible = self.stream.class_mask(seen_classes)
-        return self.confusion_on(self.stream.test, params, batch_stats, visible, class_mask, sstate)
-
-    def confusion_on(
-        self, source, params, batch_stats, visible: np.ndarray, class_mask: np.ndarray, sstate=None
-    ) -> np.ndarray:
-        """``[K,K]`` confusion on ``source`` with the labels of ``visible`` classes."""
-        if self._compiled is None:
-            self.compile(params, batch_stats, sstate)
-        st = self._sstate(sstate)
-        k = self.stream.num_classes
-        conf = jax.device_put(jnp.zeros((k, k), jnp.int32), self._repl)
-        mask = jax.device_put(jnp.asarray(class_mask), self._repl)
+    def _batches(self, source, visible: np.ndarray):
+        """``source``'s evaluation batches (labels of ``visible`` classes), placed."""
         for local in loader.eval_batches(
             source,
             visible,
@@ -228,9 +128,22 @@ class Evaluator:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         ):
-            batch = sharding.global_batch(local, self._batch_sharding)
-            conf = self._compiled(params, batch_stats, conf, batch, mask, st)
-        return np.asarray(jax.device_get(conf))
+            yield sharding.global_batch(local, self._batch_sharding)
+
+    def compile(self, params, batch_stats, sstate=None) -> None:
+        """Compiles ahead of time (so compile time is measured apart from evaluation)."""
+        raise NotImplementedError
+
+    def evaluate(
+        self, params, batch_stats, experience: int, class_mask: np.ndarray, sstate=None
+    ) -> np.ndarray:
+        """An experience's test statistic."""
+        raise NotImplementedError
+
+    def overall(self, params, batch_stats, phase: base.Phase) -> float | None:
+        """A score over every test set seen by ``phase`` together, where the task defines one."""
+        del params, batch_stats, phase
+        return None
 
     def row(self, params, batch_stats, class_mask: np.ndarray, sstate=None) -> list[np.ndarray]:
         """Statistics on every experience's test set: one row of the accuracy matrix."""
@@ -262,14 +175,152 @@ class Evaluator:
         sstate = self._sstate(sstate)
         row = self.row(params, batch_stats, phase.class_mask, sstate)
         row_task_il = self.row_task_il(params, batch_stats, sstate) if task_il else []
-        overall = None
-        if self.task.metric == "map":
-            upto = max(phase.experiences)
-            overall = self.overall_map(params, batch_stats, range(upto + 1), phase.seen_classes)
+        overall = self.overall(params, batch_stats, phase)
         full = None
         if self.stream.test is not None:
             full = self.full_test(params, batch_stats, phase.seen_classes, phase.class_mask, sstate)
         return PhaseEval(row, row_task_il, overall, full)
+
+    def full_test(
+        self, params, batch_stats, seen_classes, class_mask: np.ndarray, sstate=None
+    ) -> np.ndarray:
+        """The statistic on the stream's full test set (``Stream.test``), labels of the classes
+        seen so far: the MiB/PLOP tables' evaluation."""
+        raise ValueError(f"{type(self).__name__} scores no full test set")
+
+
+class ConfusionEvaluator(Evaluator):
+    """``[K,K]`` confusion per test set, added up on device batch by batch (segmentation,
+    classification)."""
+
+    def __init__(self, forward, stream, mesh, batch_size, task=tasks.SEGMENTATION, predict=None):
+        super().__init__(forward, stream, mesh, batch_size, task, predict)
+        self._step = jax.jit(
+            make_eval_step(forward, stream.num_classes, predict),
+            out_shardings=self._repl,
+            donate_argnums=(2,),
+        )
+
+    def compile(self, params, batch_stats, sstate=None) -> None:
+        k = self.stream.num_classes
+        conf = jax.ShapeDtypeStruct((k, k), jnp.int32, sharding=self._repl)
+        mask = jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=self._repl)
+        st = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._repl),
+            self._sstate(sstate),
+        )
+        batch = self._batch_struct()
+        self._compiled = self._step.lower(params, batch_stats, conf, batch, mask, st).compile()
+
+    def evaluate(
+        self, params, batch_stats, experience: int, class_mask: np.ndarray, sstate=None
+    ) -> np.ndarray:
+        """``[K,K]`` confusion on an experience's test set, labels of classes seen by then."""
+        visible = self.stream.class_mask(self.stream.seen_classes(experience))
+        return self.confusion_on(
+            self.stream.experiences[experience].test,
+            params,
+            batch_stats,
+            visible,
+            class_mask,
+            sstate,
+        )
+
+    def full_test(
+        self, params, batch_stats, seen_classes, class_mask: np.ndarray, sstate=None
+    ) -> np.ndarray:
+        if self.stream.test is None:
+            raise ValueError(f"stream {self.stream.name!r} has no full test set")
+        visible = self.stream.class_mask(seen_classes)
+        return self.confusion_on(self.stream.test, params, batch_stats, visible, class_mask, sstate)
+
+    def confusion_on(
+        self, source, params, batch_stats, visible: np.ndarray, class_mask: np.ndarray, sstate=None
+    ) -> np.ndarray:
+        """``[K,K]`` confusion on ``source`` with the labels of ``visible`` classes."""
+        if self._compiled is None:
+            self.compile(params, batch_stats, sstate)
+        st = self._sstate(sstate)
+        k = self.stream.num_classes
+        conf = jax.device_put(jnp.zeros((k, k), jnp.int32), self._repl)
+        mask = jax.device_put(jnp.asarray(class_mask), self._repl)
+        for batch in self._batches(source, visible):
+            conf = self._compiled(params, batch_stats, conf, batch, mask, st)
+        return np.asarray(jax.device_get(conf))
+
+
+class APEvaluator(Evaluator):
+    """``[K]`` average precision of every class per test set, from sigmoid scores kept on device
+    until the set ends (multi-label); the overall score is the mAP over the seen classes on the
+    seen tasks' images."""
+
+    def __init__(self, forward, stream, mesh, batch_size, task=tasks.MULTILABEL, predict=None):
+        if predict is not None:
+            raise ValueError(
+                f"a strategy's predict needs a segmentation or classification task, not {task.name}"
+            )
+        super().__init__(forward, stream, mesh, batch_size, task, predict)
+        self._step = jax.jit(make_score_step(forward), out_shardings=self._repl)
+
+    def compile(self, params, batch_stats, sstate=None) -> None:
+        del sstate
+        self._compiled = self._step.lower(params, batch_stats, self._batch_struct()).compile()
+
+    def evaluate(
+        self, params, batch_stats, experience: int, class_mask: np.ndarray, sstate=None
+    ) -> np.ndarray:
+        """``[K]`` AP of each class on an experience's test set (full labels; NaN where a class
+        has no positive); the class mask plays no part in a ranking score."""
+        del class_mask, sstate
+        return self.average_precisions(params, batch_stats, experience)
+
+    def overall(self, params, batch_stats, phase: base.Phase) -> float:
+        upto = max(phase.experiences)
+        return self.overall_map(params, batch_stats, range(upto + 1), phase.seen_classes)
+
+    def _scores(self, params, batch_stats, experience: int):
+        """Scores, labels and image fingerprints of an experience's test set (padding dropped);
+        on device until the set ends: one host read."""
+        if self._compiled is None:
+            self.compile(params, batch_stats)
+        everything = np.ones(self.stream.num_classes, bool)
+        out = [
+            self._compiled(params, batch_stats, batch)
+            for batch in self._batches(self.stream.experiences[experience].test, everything)
+        ]
+        s, y, f = (
+            np.asarray(a) for a in jax.device_get(jax.tree.map(lambda *a: jnp.concatenate(a), *out))
+        )
+        keep = ~(y == 255).all(axis=1)  # padding rows
+        return s[keep], y[keep], f[keep]
+
+    def average_precisions(self, params, batch_stats, experience: int) -> np.ndarray:
+        s, y, _ = self._scores(params, batch_stats, experience)
+        return metrics.average_precision_per_class(s, y)
+
+    def overall_map(self, params, batch_stats, experiences, classes) -> float:
+        """Mean AP over ``classes`` on the union of the experiences' test sets, each image once
+        (an image holding classes of two tasks is in both tasks' sets)."""
+        parts = [self._scores(params, batch_stats, j) for j in experiences]
+        s, y, f = (np.concatenate(a) for a in zip(*parts, strict=True))
+        _, first = np.unique(np.concatenate([f[:, None], y], axis=1), axis=0, return_index=True)
+        ap = metrics.average_precision_per_class(s[first], y[first])
+        return metrics.nanmean(ap[list(classes)])
+
+
+EVALUATORS: dict[str, type[Evaluator]] = {"confusion": ConfusionEvaluator, "ap": APEvaluator}
+
+
+def make(
+    forward: base.Forward,
+    stream: data_base.Stream,
+    mesh: Mesh,
+    batch_size: int,
+    task: tasks.Task = tasks.SEGMENTATION,
+    predict: base.Predict | None = None,
+) -> Evaluator:
+    """The evaluator of ``task``'s statistic (``Task.statistic``)."""
+    return EVALUATORS[task.statistic](forward, stream, mesh, batch_size, task, predict)
 
 
 class PhaseEval(NamedTuple):

@@ -197,7 +197,7 @@ def build(
         "rng": jax.random.PRNGKey(config.seed),
     }
     shardings = step_lib.array_shardings(arrays, mesh, config.sharding.param_rules)
-    evaluator = evaluate.Evaluator(
+    evaluator = evaluate.make(
         forward, stream, mesh, config.eval_batch_size, env.task, predict=strategy.predict
     )
     return Parts(

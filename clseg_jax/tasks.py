@@ -32,6 +32,9 @@ class Task(NamedTuple):
       confusion, or ``[K]`` APs for multi-label): IoU, recall or AP per class (NaN if absent).
     score: ``score(stat, own_classes) -> float``, the accuracy-matrix entry of a statistic;
       ``own_classes`` are the experience's own classes (multi-label averages APs over them).
+    statistic: what one test set's statistic is, so which ``evaluate.EVALUATORS`` entry scores
+      it: "confusion" (``[K,K]``, added up batch by batch) or "ap" (``[K]`` average precisions
+      from every score of the set).
     """
 
     name: str
@@ -40,6 +43,7 @@ class Task(NamedTuple):
     accuracy: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
     per_class: Callable[[np.ndarray], np.ndarray]
     score: Callable[[np.ndarray, Sequence[int]], float]
+    statistic: str
 
 
 def _softmax_ce(logits, labels, class_mask):
@@ -67,6 +71,7 @@ SEGMENTATION = Task(
     _argmax_accuracy,
     per_class=metrics.iou_per_class,
     score=lambda conf, own: metrics.miou(conf),
+    statistic="confusion",
 )
 CLASSIFICATION = Task(
     "classification",
@@ -75,6 +80,7 @@ CLASSIFICATION = Task(
     _argmax_accuracy,
     per_class=_recall_per_class,
     score=lambda conf, own: metrics.accuracy(conf),
+    statistic="confusion",
 )
 MULTILABEL = Task(
     "multilabel",
@@ -83,6 +89,7 @@ MULTILABEL = Task(
     losses.multilabel_accuracy,
     per_class=np.asarray,
     score=lambda aps, own: metrics.nanmean(np.asarray(aps)[list(own)]),
+    statistic="ap",
 )
 
 

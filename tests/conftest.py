@@ -24,41 +24,41 @@ try:
 except ImportError:  # the serve extra is not installed
     pass
 
-# Seconds each test file took (summed, two pytest workers on 2 cores, 2026-12-06); files not
-# listed took under 10 s. The Makefile runs xdist with --no-loadscope-reorder, so files are handed
-# to workers in collection order: longest first leaves no long file to run alone at the end
-# (xdist's own reorder, by test count, put the few-test behaviour files last).
+# Seconds each test file took (summed, two pytest workers on 2 cores, 2026-12-06 at 05dc3c5);
+# files not listed took under 10 s. The Makefile runs xdist with --no-loadscope-reorder, so files
+# are handed to workers in collection order: longest first leaves no long file to run alone at
+# the end (xdist's own reorder, by test count, put the few-test behaviour files last).
 FILE_COST_S = {
-    "test_behaviour_ci.py": 533,
-    "test_behaviour_memory.py": 436,
-    "test_behaviour_data_free.py": 353,
-    "test_contract.py": 286,
-    "test_behaviour.py": 168,
-    "test_behaviour_multilabel.py": 92,
-    "test_serve_reliability.py": 78,
-    "test_deepinversion.py": 53,
-    "test_serve_api.py": 41,
-    "test_train.py": 40,
-    "test_deeplab.py": 39,
-    "test_ccsi.py": 36,
-    "test_projection_strategies.py": 32,
-    "test_strategy_interface.py": 31,
-    "test_ci_models.py": 30,
-    "test_der_icarl.py": 29,
-    "test_models.py": 25,
-    "test_plop.py": 25,
-    "test_protocol_table.py": 21,
-    "test_resnet.py": 20,
-    "test_bisenet.py": 20,
-    "test_serve_web.py": 19,
-    "test_sharding.py": 17,
-    "test_ppi.py": 17,
+    "test_behaviour_ci.py": 544,
+    "test_behaviour_memory.py": 475,
+    "test_behaviour_data_free.py": 376,
+    "test_contract.py": 162,
+    "test_behaviour.py": 160,
+    "test_behaviour_multilabel.py": 100,
+    "test_serve_reliability.py": 81,
+    "test_ci_models.py": 73,
+    "test_deepinversion.py": 51,
+    "test_projection_strategies.py": 43,
+    "test_serve_api.py": 40,
+    "test_strategy_interface.py": 39,
+    "test_train.py": 38,
+    "test_deeplab.py": 37,
+    "test_der_icarl.py": 36,
+    "test_ccsi.py": 33,
+    "test_plop.py": 30,
+    "test_models.py": 30,
+    "test_bisenet.py": 26,
+    "test_protocol_table.py": 25,
+    "test_ppi.py": 25,
+    "test_resnet.py": 23,
+    "test_serve_web.py": 21,
+    "test_sharding.py": 21,
+    "test_impressions.py": 17,
     "test_regularizers_math.py": 16,
-    "test_impressions.py": 15,
-    "test_mib.py": 14,
-    "test_distillation_math.py": 14,
-    "test_qp.py": 12,
-    "test_row_owners.py": 12,
+    "test_mib.py": 15,
+    "test_distillation_math.py": 15,
+    "test_row_owners.py": 14,
+    "test_qp.py": 14,
     "test_tasks.py": 11,
 }
 

@@ -94,7 +94,7 @@ def test_overall_map_counts_an_image_in_two_task_sets_once():
     cfg.model.kwargs.widths = (4, 8, 8, 8)
     stream = data.make(cfg.data)
     graphdef, params, stats = models.init(cfg.model, stream.num_classes, seed=0)
-    ev = evaluate.Evaluator(
+    ev = evaluate.make(
         step_lib.make_forward(graphdef),
         stream,
         sharding.make_mesh((("data", -1),)),
