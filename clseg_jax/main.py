@@ -6,6 +6,8 @@ strategies, each runs into ``<workdir>/<strategy>/`` and a comparison table is p
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import logging as std_logging
 import os
 import sys
@@ -55,6 +57,61 @@ def _stopped(workdir: str) -> None:
     )
 
 
+def check_args(argv: list[str]) -> None:
+    """Raises ValueError with one line for a mistake in ``--config`` or a ``--config.<field>``
+    override, which absl and ml_collections would otherwise report as a traceback or a fatal
+    flags error: a missing config file or unknown config argument (the config file's own
+    check), an override of a field the config does not have (naming the closest ones) and a
+    value that is not of the field's type (bool, int, float)."""
+    spec, overrides = None, []
+    args = iter(argv[1:])
+    for a in args:
+        if a.startswith("--config="):
+            spec = a.partition("=")[2]
+        elif a.startswith("--config."):
+            name, sep, value = a[len("--config.") :].partition("=")
+            overrides.append((name, value if sep else next(args, "")))
+    if spec is None:
+        return  # absl names the missing required flag
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} not found (--config=<file>.py[:<arg>])")
+    module_spec = importlib.util.spec_from_file_location("_clseg_checked_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    for name, value in overrides:
+        _check_override(config, name, value)
+
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _check_override(config, name: str, value: str) -> None:
+    node, done = config, []
+    for part in name.split("."):
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        if part not in keys:
+            where = ".".join(["config", *done])
+            close = difflib.get_close_matches(part, keys, n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(
+                f"--config.{name}: {where} has no field {part!r}{hint} (fields: {sorted(keys)})"
+            )
+        node, done = node[part], [*done, part]
+    kind = type(node)
+    try:
+        if kind is bool:
+            if value.lower() not in _TRUE + _FALSE:
+                raise ValueError
+        elif kind in (int, float):
+            kind(value)
+    except ValueError:
+        raise ValueError(
+            f"--config.{name}={value}: expected {kind.__name__} (the field is {node!r})"
+        ) from None
+
+
 class _QuietLibraries(std_logging.Filter):
     """Drops the INFO chatter of orbax (a dozen lines per checkpoint); keeps its warnings."""
 
@@ -65,10 +122,10 @@ class _QuietLibraries(std_logging.Filter):
 def run() -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
+        check_args(sys.argv)
         app.run(main)
     except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}")  # once: the absl log line would say it again
 
 
 if __name__ == "__main__":

@@ -178,16 +178,28 @@ def test_non_finite_loss_stops_and_keeps_only_finite_checkpoints(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flag, message",
+    "config, flag, message",
     [
-        ("--config.strategy.name=foo", "unknown strategy 'foo'; valid: ['agem', 'ccsi',"),
-        ("--config.data.name=coco", "unknown dataset 'coco'; valid: ['ade', 'digits_ci',"),
-        ("--config.model.name=vgg", "unknown model 'vgg'; valid: ['bisenet', 'bisenet_small',"),
+        ("shapes_di.py", "--config.strategy.name=foo", "unknown strategy 'foo'; valid: ['agem',"),
+        ("shapes_di.py", "--config.data.name=coco", "unknown dataset 'coco'; valid: ['ade',"),
+        ("shapes_di.py", "--config.model.name=vgg", "unknown model 'vgg'; valid: ['bisenet',"),
+        # Mistakes absl and ml_collections reported as a traceback or a fatal flags error.
+        ("shapes_di.py:p51", "", "unknown config argument 'p51'; valid: ['compare', 'seed',"),
+        ("nope.py", "", "config file 'configs/nope.py' not found"),
+        ("shapes_di.py", "--config.epoch=3", "config has no field 'epoch'; did you mean 'epochs'?"),
+        (
+            "shapes_di.py",
+            "--config.model.kwargs.dtype=bfloat16",
+            "config.model.kwargs has no field 'dtype' (fields: ['norm', 'widths'])",
+        ),
+        ("shapes_di.py", "--config.epochs=abc", "--config.epochs=abc: expected int"),
+        ("shapes_di.py", "--config.progress=maybe", "--config.progress=maybe: expected bool"),
     ],
 )
-def test_unknown_names_give_one_line_errors(flag, message, tmp_path):
-    proc = _cli(["--config=configs/shapes_di.py", f"--workdir={tmp_path}", flag])
+def test_user_mistakes_give_one_line_errors(config, flag, message, tmp_path):
+    proc = _cli([f"--config=configs/{config}", f"--workdir={tmp_path}", *filter(None, [flag])])
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     last = err.strip().splitlines()[-1]
-    assert message in last, err[-1500:]
+    assert last.startswith("error: ") and message in last, err[-1500:]
+    assert err.count(message) == 1 and "Traceback" not in err, err[-1500:]
