@@ -211,6 +211,35 @@ def cl_summary(R: Any, initial_row: Sequence[float] | None = None) -> dict[str, 
     return {k: _opt(v) for k, v in out.items()}
 
 
+def class_forgetting(per_class: Any, old_classes: Iterable[int]) -> float | None:
+    """Forgetting per class on one test set: MiB/PLOP's view of class-incremental segmentation.
+
+    For each old class ``c``: its best score before the last phase minus its last score,
+    ``max_{i<P-1} S[i][c] - S[P-1][c]``, averaged over the old classes (NaN entries, a class not
+    yet seen or absent from the test set, are skipped). Unlike the accuracy-matrix forgetting it
+    does not count a correctly learnt new class against the test set of an earlier experience
+    (whose new-class pixels were background when it was scored first).
+
+    Args:
+      per_class: ``[P,K]`` per-class scores (IoU) after each phase on the same test set.
+      old_classes: the classes seen before the last phase (background included).
+
+    Returns:
+      The mean over old classes, NaN if none has a defined score in both, ``None`` with one phase.
+    """
+    S = np.asarray(per_class, dtype=np.float64)
+    if S.ndim != 2:
+        raise ValueError(f"per_class must be [P,K], got {list(S.shape)}")
+    if S.shape[0] < 2:
+        return None
+    old = sorted({int(c) for c in old_classes})
+    before, last = S[:-1][:, old], S[-1][old]
+    best = np.full(len(old), np.nan)
+    seen = ~np.isnan(before).all(axis=0)
+    best[seen] = np.nanmax(before[:, seen], axis=0)
+    return nanmean(best - last)
+
+
 def old_new_all(
     conf: Any,
     old_classes: Iterable[int],

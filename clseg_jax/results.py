@@ -72,7 +72,7 @@ def old_new_all(
     experiences' test sets (disjoint by construction in such streams), each with the labels
     seen at that experience.
     """
-    out = []
+    out, ious = [], []
     for i, phase in enumerate(phases):
         old = sorted(set(phase.seen_classes) - set(phase.new_classes))
         if full:
@@ -80,11 +80,16 @@ def old_new_all(
         else:
             total = sum(confs[i][: max(phase.experiences) + 1])
         out.append(metrics.old_new_all(total, old, phase.new_classes))
+        ious.append(metrics.iou_per_class(total))
     averages = {key: metrics.nanmean([o[key] for o in out]) for key in ("old", "new", "all")}
+    last = phases[-1]
     result = {
         "old_new_all": out,
         "old_new_all_avg": averages,
         "old_new_all_on": "full test set" if full else "seen experiences' test sets",
+        "class_forgetting": metrics.class_forgetting(
+            ious, set(last.seen_classes) - set(last.new_classes)
+        ),
     }
     if full:
         result["full_test_per_class"] = [_per_class(task, f) for f in full]
@@ -139,8 +144,17 @@ def summarize(
     if progress.rows_task_il:
         R_task = [[score(c, j) for j, c in enumerate(row)] for row in progress.rows_task_il]
         results["task_il"] = {"accuracy_matrix": R_task, **metrics.cl_summary(R_task)}
+    # The average under the metric's own name; "avg_miou" stays for one release (deprecated
+    # for classification and multi-label, where it never held an mIoU).
+    results[f"avg_{task.metric}"] = results["avg_miou"]
+    results["forgetting_on"] = "accuracy matrix"
     if stream.kind == "class" and task.name == "segmentation":
         results.update(old_new_all(phases, confs, progress.full, task))
+        # The headline is per class (the accuracy matrix scores an earlier experience's images
+        # with that experience's classes, so a correctly learnt new class counts as forgetting).
+        results["forgetting_R"] = results["forgetting"]
+        results["forgetting"] = results["class_forgetting"]
+        results["forgetting_on"] = f"old classes' IoU on the {results['old_new_all_on']}"
     return results
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from clseg_jax import metrics
+from clseg_jax import metrics, results, tasks
+from clseg_jax.strategies import base
 
 # Hand example (K = 3), one image of 2x4 pixels:
 #   labels [[0, 0, 1, 1], [2, 2, 255, 1]]
@@ -184,3 +187,68 @@ def test_beats_reference_hand_example():
     assert not metrics.beats_reference(naive, naive)["passes"]
     with pytest.raises(ValueError, match="square"):
         metrics.beats_reference([[0.9, 0.1]], naive)
+
+
+def test_class_forgetting_by_hand():
+    # IoU per phase (rows) and class (columns); class 2 is new in the last phase.
+    S = [[0.9, 0.8, np.nan], [0.95, 0.5, np.nan], [0.85, 0.6, 0.7]]
+    # class 0: max(0.9, 0.95) - 0.85 = 0.10; class 1: max(0.8, 0.5) - 0.6 = 0.20 -> 0.15
+    assert metrics.class_forgetting(S, [0, 1]) == pytest.approx(0.15)
+    # A class absent before the last phase has nothing to forget; one phase has no sequence.
+    assert metrics.class_forgetting(S, [0, 1, 2]) == pytest.approx(0.15)
+    assert metrics.class_forgetting(S[:1], [0, 1]) is None
+
+
+def _conf(counts: dict[tuple[int, int], int], k: int = 3) -> list[list[int]]:
+    """A ``[k,k]`` confusion from ``{(ground truth, prediction): pixels}``."""
+    conf = np.zeros((k, k), np.int64)
+    for (gt, pred), n in counts.items():
+        conf[gt, pred] = n
+    return conf.tolist()
+
+
+def test_class_incremental_forgetting_is_per_class_where_the_matrix_would_mislead():
+    """Background 0, old class 1 (experience 0), new class 2 (experience 1); a model that learns
+    class 2 perfectly and forgets nothing. Experience 0's images also hold 10 pixels of class 2,
+    background when experience 0 was scored first and still scored with experience 0's classes
+    in R[1][0] (the accuracy matrix's rule): the new class's correct pixels count against it."""
+    rows = [
+        [  # after phase 0: perfect on classes 0-1, class 2 predicted as background
+            _conf({(0, 0): 70, (1, 1): 30}),  # experience 0, class 2's pixels labelled 0
+            _conf({(0, 0): 60, (2, 0): 40}),  # experience 1, scored with classes 0-2
+        ],
+        [  # after phase 1: perfect on every class
+            _conf({(0, 0): 60, (0, 2): 10, (1, 1): 30}),  # class 2 correct, counted as wrong
+            _conf({(0, 0): 60, (2, 2): 40}),
+        ],
+    ]
+    full = [  # the full test set (both experiences' images), labels of the classes seen so far
+        _conf({(0, 0): 170, (1, 1): 30}),
+        _conf({(0, 0): 120, (1, 1): 30, (2, 2): 50}),
+    ]
+    stream = types.SimpleNamespace(
+        name="hand",
+        kind="class",
+        num_classes=3,
+        class_names=("background", "old", "new"),
+        experiences=[
+            types.SimpleNamespace(name=f"e{j}", classes=c) for j, c in enumerate([(1,), (2,)])
+        ],
+    )
+    mask = lambda seen: np.isin(np.arange(3), seen)
+    phases = [
+        base.Phase(0, (0,), (0, 1), (0, 1), mask([0, 1]), None),
+        base.Phase(1, (1,), (2,), (0, 1, 2), mask([0, 1, 2]), None),
+    ]
+    untrained = [_conf({(0, 0): 70, (1, 0): 30}), _conf({(0, 0): 60, (2, 0): 40})]
+    progress = results.start()._replace(phase=2, rows=rows, initial_row=untrained, full=full)
+    cfg = ml_collections.ConfigDict({"strategy": {"name": "hand"}})
+    out = results.summarize(
+        progress, config=cfg, stream=stream, phases=phases, task=tasks.SEGMENTATION, compile_count=0
+    )
+    # The matrix: R[0][0] = 1, R[1][0] = (60/70 + 1 + 0) / 3: 0.381 of "forgetting".
+    assert out["forgetting_R"] == pytest.approx(1 - (60 / 70 + 1) / 3)
+    # Per class on the full test set: background and class 1 keep IoU 1, nothing forgotten.
+    assert out["forgetting"] == pytest.approx(0.0) and out["class_forgetting"] == out["forgetting"]
+    assert out["forgetting_on"] == "old classes' IoU on the full test set"
+    assert out["old_new_all"][-1] == pytest.approx({"old": 1.0, "new": 1.0, "all": 1.0})

@@ -75,6 +75,9 @@ def test_split_digits_reports_class_and_task_incremental(tmp_path):
     # Class-IL: an unseen experience's classes are masked out, so it scores 0; task-IL cannot
     # be worse than class-IL on a seen experience (fewer classes to confuse).
     assert R[0, 1] == 0 and np.all(R_task[1] >= R[1] - 1e-9)
+    # The final average under its own name (avg_miou: a deprecated alias for one release).
+    assert r["avg_accuracy"] == pytest.approx(R[-1].mean()) and r["avg_miou"] == r["avg_accuracy"]
+    assert r["forgetting_on"] == "accuracy matrix" and "avg_map" not in r
 
 
 def test_multilabel_digits_reports_map(tmp_path):
@@ -82,6 +85,7 @@ def test_multilabel_digits_reports_map(tmp_path):
     r = train.run(cfg, str(tmp_path))
     assert r["metric"] == "map" and r["task"] == "multilabel"
     R = np.array(r["accuracy_matrix"])
+    assert r["avg_map"] == pytest.approx(np.nanmean(R[-1])) and r["avg_miou"] == r["avg_map"]
     assert R.shape == (3, 3) and np.all((R >= 0) & (R <= 1))
     assert len(r["per_class"][0]) == 10
     # Overall mAP after phase 0: the seen classes are task 0's, the images task 0's test set.
