@@ -25,9 +25,13 @@ Recipe (the CCSI code, github.com/sanaAyrml/Class-Impresion-for-Data-free-Increm
   plateaus for 5 epochs; choosing a schedule on test data is not allowed here, so the rate follows
   a per-step cosine decay instead.
 
-``norm=continual`` switches to Continual Normalization (CCSI's). ``size=64|128|224`` reads the
-MedMNIST+ files; 128 and 224 px use the ImageNet stem (7x7 stride 2 + max-pool). ``quick`` is a
-CPU-sized run (256 training / 100 test images per step, ResNet widths 8-64, 3 epochs, batch 16).
+``norm=continual`` switches to Continual Normalization (CCSI's). ``strategy=ccsi`` (alone or in a
+chain) brings CCSI's model: the cosine head and, unless ``norm=`` says otherwise, Continual
+Normalization. ``size=64|128|224`` reads the MedMNIST+ files; 128 and 224 px use the ImageNet stem
+(7x7 stride 2 + max-pool). ``quick`` is a CPU-sized run (256 training / 100 test images per step,
+ResNet widths 8-64, 3 epochs, batch 16) and scales the synthesis iterations of the data-free
+strategies like the epochs (3 / 100: CCSI's 5000 -> 150, DeepInversion's 200 -> 6), and starts
+the cosine head's scale at 10 (``configs/digits_data_free.py`` measured why).
 
 Results: none yet. The MedMNIST files are not in this repository and cannot be downloaded where it
 is developed; docs/data_free.md's MedMNIST table is filled from runs of the commands above.
@@ -43,6 +47,7 @@ EXAMPLE_ARGS = (
     "name=organamnist,strategy=replay,norm=continual",
     "name=dermamnist,steps=3-2-2,size=64",
     "quick,compare",
+    "quick,strategy=ccsi",
 )
 ARGS = dict(
     name="bloodmnist",
@@ -51,10 +56,13 @@ ARGS = dict(
     strategy="naive",
     seed=0,
     steps="",
-    norm="batch",
+    norm="",  # "batch", or "continual" with strategy=ccsi
     quick=False,
     compare=False,
 )
+
+
+FULL_EPOCHS = 100  # per step, the CCSI code's
 
 
 def parse_steps(steps: str) -> tuple[int, ...]:
@@ -83,14 +91,20 @@ def get_config(arg: str | None = None):
     c.data.image_size = 32 if a.size == 28 else 0
     c.data.train_per_exp = 256 if a.quick else 0
     c.data.test_per_exp = 100 if a.quick else 0
+    ccsi = "ccsi" in a.strategy.split("+")
     c.model.name = "resnet18"
-    c.model.kwargs = {"small_input": a.size <= 64, "norm": a.norm}
+    norm = a.norm or ("continual" if ccsi else "batch")
+    c.model.kwargs = {"small_input": a.size <= 64, "norm": norm}
+    if ccsi:
+        c.model.kwargs["head"] = "cosine"
     if a.quick:
         c.model.kwargs["widths"] = (8, 16, 32, 64)
+        if ccsi:
+            c.model.kwargs["sigma_init"] = 10.0
     c.batch_size = 16 if a.quick else 40
     c.eval_batch_size = 100 if a.quick else 256
     c.eval_task_il = True
-    c.epochs = 3 if a.quick else 100
+    c.epochs = 3 if a.quick else FULL_EPOCHS
     c.optimizer.name = "sgd"
     c.optimizer.lr = 0.1
     c.optimizer.momentum = 0.0
@@ -100,5 +114,8 @@ def get_config(arg: str | None = None):
     c.strategy.name = a.strategy
     # As many replayed rows as new ones per step.
     c.strategy.replay_batch = c.batch_size
+    if a.quick:  # synthesis scaled like the epochs (3 of the recipe's 100)
+        for key in ("ccsi_iterations", "di_iterations"):
+            c.strategy[key] = max(1, round(c.strategy[key] * c.epochs / FULL_EPOCHS))
     c.compare = ("naive", "lwf", "replay", "cumulative") if a.compare else ()
     return c

@@ -494,7 +494,7 @@ def test_abd_terms_match_numpy():
 def test_strategy_memory_holds_only_inverted_images_of_the_seen_classes():
     import ml_collections
 
-    from clseg_jax import data, models, setup
+    from clseg_jax import compiles, data, models, setup
     from clseg_jax import step as step_lib
     from clseg_jax.data import phases as phases_lib
     from clseg_jax.memory import buffer
@@ -516,12 +516,19 @@ def test_strategy_memory_holds_only_inverted_images_of_the_seen_classes():
     assert strategy.replaces_task_loss  # classification: ABD's loss
     sstate = strategy.init(params, stats)
     real = []
-    for phase in phases_lib.make(stream, ((0,), (1,), (2,))):
+    *before_last, last = phases_lib.make(stream, ((0,), (1,), (2,)))
+    for phase in before_last:
         real += [np.asarray(b["image"]) for b in phase.batches(64)]
         sstate = strategy.after_phase(params, stats, sstate, phase)
         mem = buffer.to_host(sstate.memory)
         assert mem["valid"].all() and mem["image"].shape == (12, *shape)
         assert set(mem["label"].tolist()) == set(phase.seen_classes)
+    # After the last phase nothing would replay a new memory: none is synthesised.
+    with compiles.Counter() as counter:
+        sstate = strategy.after_phase(params, stats, sstate, last)
+    for key, value in buffer.to_host(sstate.memory).items():
+        np.testing.assert_array_equal(value, mem[key])
+    assert counter.count == 0, counter.count  # nothing new compiled either
     flat = np.concatenate(real).reshape(-1, int(np.prod(shape)))
     stored = mem["image"].reshape(12, -1)
     assert not any(np.any(np.all(flat == row, axis=1)) for row in stored)

@@ -287,6 +287,17 @@ def test_config_fields():
     assert big.data.classes_per_step == () and "replay" in big.compare
     with pytest.raises(ValueError, match="steps must look like 3-2-2-2"):
         medmnist_ci.get_config("steps=3+2")
+    # CCSI brings its model (cosine head, Continual Normalization unless norm= says otherwise);
+    # quick scales synthesis like the epochs, 3 of 100.
+    plain = medmnist_ci.get_config("strategy=naive")
+    assert plain.model.kwargs.norm == "batch" and "head" not in plain.model.kwargs
+    ccsi = medmnist_ci.get_config("strategy=ccsi")
+    assert (ccsi.model.kwargs.head, ccsi.model.kwargs.norm) == ("cosine", "continual")
+    assert ccsi.strategy.ccsi_iterations == 5000
+    assert medmnist_ci.get_config("strategy=ccsi,norm=batch").model.kwargs.norm == "batch"
+    quick = medmnist_ci.get_config("quick,strategy=ccsi")
+    assert (quick.strategy.ccsi_iterations, quick.strategy.di_iterations) == (150, 6)
+    assert quick.model.kwargs.sigma_init == 10.0
     for arg in medmnist_ci.EXAMPLE_ARGS:
         setup.validate_names(_registered(medmnist_ci.get_config(arg)))
 

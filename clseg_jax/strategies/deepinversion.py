@@ -283,6 +283,8 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
 
     def after_phase(params, batch_stats, state: DIState, phase: base.Phase) -> DIState:
         snap = snapshot.take(params, batch_stats, phase.class_mask)
+        if phase.index + 1 >= env.num_experiences:
+            return DIState(snap, state.memory)  # no phase follows: nothing would replay them
         classes = tuple(c for c in phase.seen_classes if not (dense and c == 0))
         wanted = spread(classes, size)
         hw = tuple(env.image_shape[:2])
