@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from clseg_jax import data, evaluate, models, sharding, strategies, tasks
+from clseg_jax import data, evaluate, models, sharding, stopping, strategies, tasks
 from clseg_jax import step as step_lib
 from clseg_jax.data import base as data_base
 from clseg_jax.data import phases as phases_lib
@@ -116,11 +116,13 @@ def make_env(
     max_experiences: int = 0,
     input_norm: str = "symmetric",
     crop: int = 0,
+    stop: Callable[[], bool] = stopping.never,
 ) -> base.Env:
     """What a strategy built for this stream may know (``base.Env``).
 
     ``max_experiences``: a fixed upper bound on the stream length (0: its own length), so that
-    strategy state keeps its shapes while a stream grows.
+    strategy state keeps its shapes while a stream grows. ``stop``: whether the run was asked
+    to stop (``Env.stop``).
     """
     image_shape, label_shape = row_shapes(stream, crop)
     n_exp = len(stream.experiences)
@@ -139,6 +141,7 @@ def make_env(
         class_names=tuple(stream.class_names),
         graphdef=graphdef,
         input_norm=input_norm,
+        stop=stop,
     )
 
 
@@ -146,6 +149,7 @@ def build(
     config: ml_collections.ConfigDict,
     make_strategy: Callable[[base.Env], base.Strategy] | None = None,
     stream: data_base.Stream | None = None,
+    stop: Callable[[], bool] = stopping.never,
 ) -> Parts:
     """The parts of the run ``config`` describes.
 
@@ -154,6 +158,7 @@ def build(
       make_strategy: builds the strategy from the env instead of the registry (tests inject
         strategies with test doubles this way).
       stream: the stream, if the caller already built it from ``config.data``.
+      stop: whether the run was asked to stop, for hooks that loop for long (``Env.stop``).
     """
     validate_names(config)
     stream = stream if stream is not None else data.make(config.data)
@@ -168,6 +173,7 @@ def build(
         max_experiences=int(config.get("max_experiences", 0) or 0),
         input_norm=input_norm,
         crop=config.augment.crop,
+        stop=stop,
     )
     task_il = bool(config.get("eval_task_il", False) or config.get("task_incremental"))
     if task_il and env.task.name != "classification":

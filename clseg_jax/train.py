@@ -25,7 +25,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from clseg_jax import checkpoint, compiles, results, setup, sharding, writers
+from clseg_jax import checkpoint, compiles, results, setup, sharding, stopping, writers
 from clseg_jax import step as step_lib
 from clseg_jax.strategies import base
 
@@ -39,8 +39,9 @@ class Hooks(NamedTuple):
 
     ``on_log(info)``: at each metrics read (``phase``, ``step_in_phase``, ``steps_in_phase``,
     ``global_step`` and the train metrics, floats). ``on_checkpoint(directory, meta)``: after each
-    complete checkpoint, with its folder. ``should_stop()``: polled once per step on the host; when
-    it says so, the run saves a checkpoint and returns ``{}`` (as on SIGTERM). ``handle_sigterm``:
+    complete checkpoint, with its folder. ``should_stop()``: polled once per step on the host and
+    between a synthesis's iterations; when it says so, the run saves a checkpoint and returns
+    ``{}`` (as on SIGTERM). ``handle_sigterm``:
     False leaves SIGTERM to the caller (a Celery worker's warm shutdown), which stops the run
     through ``should_stop``.
     """
@@ -74,8 +75,9 @@ class _Run:
         self.hooks = hooks
         self.workdir = os.path.abspath(workdir)
         self.counter = counter
+        self.stop_requested = False
         os.makedirs(self.workdir, exist_ok=True)
-        self.parts = setup.build(config)
+        self.parts = setup.build(config, stop=self._should_stop)
         self.arrays = self.parts.arrays
         self.ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"))
         self.writer = writers.MetricWriter(
@@ -86,7 +88,12 @@ class _Run:
             run_name=os.path.basename(self.workdir),
             config=config.to_dict(),
         )
-        self.stop_requested = False
+
+    def _should_stop(self) -> bool:
+        """SIGTERM or the caller's ``should_stop``: what long hooks check (``Env.stop``)."""
+        if self.hooks.should_stop is not None and self.hooks.should_stop():
+            self.stop_requested = True
+        return self.stop_requested
 
     def __enter__(self):
         self._old_handler = None
@@ -191,8 +198,7 @@ class _Run:
             global_step += 1  # host-side mirror of state.step: reading that would sync
             bar.update(1)
             save_now = cfg.checkpoint_every_steps > 0 and s % cfg.checkpoint_every_steps == 0
-            if self.hooks.should_stop is not None and self.hooks.should_stop():
-                self.stop_requested = True
+            self._should_stop()
             if s % cfg.log_every_steps == 0 or s == n_steps or save_now or self.stop_requested:
                 metrics = self._log(global_step, metrics, monitor, phase, bar, (s, n_steps))
             if global_step == cfg.debug.kill_at_step:
@@ -211,7 +217,14 @@ class _Run:
         bar.close()
 
         t0 = time.perf_counter()
-        sstate = setup.end_phase(parts, state, sstate, phase)
+        try:
+            sstate = setup.end_phase(parts, state, sstate, phase)
+        except stopping.Stopped as e:
+            # The state the training ended with: a resumed run redoes every end-of-phase hook.
+            logging.warning("%s: saving a checkpoint at the end of the phase's steps", e)
+            self.arrays = {"state": state, "sstate": sstate, "rng": rng}
+            self._save(progress._replace(step_in_phase=n_steps, iterator=iterator.get_state()))
+            return None
         jax.block_until_ready(sstate)
         timing["strategy_s"] += time.perf_counter() - t0
 

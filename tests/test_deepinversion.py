@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 from clseg_jax import compiles as compiles_lib
+from clseg_jax import stopping
 from clseg_jax.models import layers
 from clseg_jax.synthesis import deepinversion as di
 
@@ -301,6 +302,35 @@ def test_host_loop_equals_the_scan_and_compiles_once(teacher, first_run):
     assert counter.count == 0
     with pytest.raises(ValueError, match="loop must be"):
         di.synthesize(*args, image_shape=(SIZE, SIZE, 3), loop="python")
+
+
+@pytest.mark.parametrize("loop", ["scan", "host"])
+def test_a_stop_request_ends_the_loop_between_iterations_or_chunks(teacher, first_run, loop):
+    images, info, _ = first_run
+    fn, tvars = teacher
+    args = (fn, tvars, TARGETS, jax.random.key(0), CFG)
+    # Asked to check but never stopped: the same synthesis (the scan in chunks of 12: 12+12+6).
+    got, got_info = di.synthesize(
+        *args, image_shape=(SIZE, SIZE, 3), loop=loop, should_stop=lambda: False, chunk=12
+    )
+    np.testing.assert_allclose(got, images, atol=1e-3)
+    np.testing.assert_allclose(got_info["main"], info["main"], rtol=1e-3, atol=1e-5)
+    # A request during the loop: raised at the next check, before the loop's end.
+    checks = []
+
+    def stop_on_second_check():
+        checks.append(1)
+        return len(checks) >= 2
+
+    with pytest.raises(stopping.Stopped, match=r"stopped at iteration (1|12) of 30"):
+        di.synthesize(
+            *args,
+            image_shape=(SIZE, SIZE, 3),
+            loop=loop,
+            should_stop=stop_on_second_check,
+            chunk=12,
+        )
+    assert len(checks) == 2
 
 
 def test_synthesis_lowers_the_teachers_loss_and_the_statistics_gap(first_run):

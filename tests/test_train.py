@@ -164,6 +164,48 @@ def test_sigterm_saves_then_exits_cleanly(tmp_path):
     assert meta["phase"] < 4 and not os.path.exists(os.path.join(workdir, "results.json"))
 
 
+def test_sigterm_during_a_synthesis_stops_within_seconds_and_resumes(tmp_path):
+    """DeepInversion after phase 0 with 100,000 iterations (hours here): SIGTERM once the phase's
+    two steps are logged must end the run within seconds, with a checkpoint at the end of the
+    phase's steps that a rerun (with a synthesis short enough to finish) resumes from."""
+    workdir = str(tmp_path)
+    args = [
+        "--config=configs/shapes_di.py:strategy=deepinversion,train_per_exp=16",
+        f"--workdir={workdir}",
+        *TINY_FLAGS,
+        "--config.epochs=1",
+    ]
+    proc = _cli([*args, "--config.strategy.di_iterations=100000"])
+    metrics = os.path.join(workdir, "metrics.jsonl")
+
+    def steps_logged() -> int:
+        if not os.path.exists(metrics):
+            return 0
+        with open(metrics) as f:
+            return max((json.loads(line)["step"] for line in f if line.strip()), default=0)
+
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and steps_logged() < 2:
+        time.sleep(0.2)
+    time.sleep(1.0)  # into the synthesis (its compile, or its iterations)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    waited = time.time() - sent
+    assert proc.returncode == 0 and "rerun the same command to resume" in out, err[-2000:]
+    assert waited < 30, waited  # one iteration (or its first compile) and a checkpoint
+    assert "synthesis stopped at iteration" in err, err[-2000:]
+    _, meta = _read(workdir)
+    assert (meta["phase"], meta["step_in_phase"]) == (0, 2), meta
+
+    resumed = _cli([*args, "--config.strategy.di_iterations=2"])
+    out, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err[-2000:]
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert len(json.load(f)["accuracy_matrix"]) == 4
+
+
 def test_non_finite_loss_stops_and_keeps_only_finite_checkpoints(tmp_path):
     cfg = tiny.config(**{"optimizer.lr": 1e30, "checkpoint_every_steps": 1})
     with pytest.raises(train.NonFiniteLossError, match=r"step \d+ \(phase 0, experience"):

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clseg_jax import tasks
+from clseg_jax import stopping, tasks
 
 PyTree = Any
 Batch = dict[str, jax.Array]  # "image" [B,H,W,3] uint8, "label" [B,H,W] int (255 = ignore)
@@ -106,6 +106,8 @@ class Env(NamedTuple):
       graphdef: the model's NNX graph definition, for strategies that need more than
         ``forward`` (DeepInversion captures BatchNorm input moments); None if unknown.
       input_norm: how ``forward`` normalises uint8 images ("symmetric": to [-1, 1]).
+      stop: ``stop() -> bool``, whether the run was asked to stop; a hook that loops for long
+        (synthesis) checks it and raises ``stopping.Stopped``.
     """
 
     forward: Forward
@@ -118,6 +120,7 @@ class Env(NamedTuple):
     class_names: tuple[str, ...] = ()
     graphdef: Any = None
     input_norm: str = "symmetric"
+    stop: Callable[[], bool] = stopping.never
 
 
 def _init(params, batch_stats):

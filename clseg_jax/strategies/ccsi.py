@@ -368,6 +368,7 @@ def make(
                 env.graphdef,
                 impressions.ccsi_config(iterations=int(get("ccsi_iterations"))),
                 batch_size=int(get("ccsi_synth_batch")),
+                should_stop=env.stop,
             )
         elif kind != "callable" or not path:
             raise ValueError(

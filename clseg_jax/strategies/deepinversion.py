@@ -290,6 +290,13 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
         hw = tuple(env.image_shape[:2])
         targets = square_targets(wanted, hw) if dense else wanted
         key = jax.random.fold_in(jax.random.key(env.seed), phase.index)
+        logging.info(
+            "deepinversion: inverting %d images of classes %s after phase %d (%d iterations)",
+            size,
+            classes,
+            phase.index,
+            synth_cfg.iterations,
+        )
         images, info = di.synthesize(
             teacher,
             (params, batch_stats),
@@ -298,6 +305,7 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
             synth_cfg,
             image_shape=tuple(env.image_shape),
             class_mask=jnp.asarray(phase.class_mask),
+            should_stop=env.stop,
         )
         logging.info(
             "deepinversion: %d images of classes %s after phase %d; the model's accuracy on "

@@ -80,7 +80,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from clseg_jax import losses
+from clseg_jax import losses, stopping
 from clseg_jax.models import layers
 
 PyTree = Any
@@ -457,7 +457,60 @@ def _like_iteration_outputs(carry, ctx: dict):
     )
 
 
-def _run_host(fns: _Fns, ctx: dict, key, init, stacked_teacher: bool | None = None):
+def _check_stop(should_stop: Callable[[], bool] | None, i: int, total: int) -> None:
+    if should_stop is not None and should_stop():
+        raise stopping.Stopped(f"synthesis stopped at iteration {i} of {total}")
+
+
+@functools.partial(
+    jax.jit, static_argnames=("fns", "length", "stacked_teacher"), donate_argnames=("carry",)
+)
+def _scan_chunk(fns: _Fns, ctx: dict, k_loop, carry, start, length: int, stacked_teacher):
+    """Iterations ``start .. start+length-1`` as one ``lax.scan`` (``_run``'s loop, in parts)."""
+
+    def one(c, k, cy):
+        steps = start + jnp.arange(length, dtype=jnp.int32)
+        return jax.lax.scan(functools.partial(_iteration, fns, c, k), cy, steps)
+
+    if stacked_teacher is None:
+        return one(ctx, k_loop, carry)
+    return jax.vmap(one, in_axes=(_group_axes(stacked_teacher), 0, 0))(ctx, k_loop, carry)
+
+
+def _run_chunks(
+    fns: _Fns,
+    ctx: dict,
+    key,
+    init,
+    should_stop: Callable[[], bool],
+    chunk: int,
+    stacked_teacher: bool | None = None,
+):
+    """``_run``'s (``_run_many``'s) scan in chunks of ``chunk`` iterations, ``should_stop``
+    checked between them: the same arithmetic, and a stop request waits one chunk at most."""
+    many = stacked_teacher is not None
+    carry, k_loop = _host_start(fns.static, ctx["hyper"], ctx["targets"], key, init, many)
+    carry = _like_iteration_outputs(carry, ctx)
+    total, history = fns.static.iterations, []
+    for start in range(0, total, chunk):
+        _check_stop(should_stop, start, total)
+        length = min(chunk, total - start)
+        carry, parts = _scan_chunk(
+            fns, ctx, k_loop, carry, jnp.int32(start), length, stacked_teacher
+        )
+        history.append(parts)
+    stacked = {k: jnp.concatenate([h[k] for h in history], axis=-1) for k in history[0]}
+    return _host_finish(fns, ctx, carry[0], stacked, stacked_teacher)
+
+
+def _run_host(
+    fns: _Fns,
+    ctx: dict,
+    key,
+    init,
+    stacked_teacher: bool | None = None,
+    should_stop: Callable[[], bool] | None = None,
+):
     """``_run``'s loop dispatched from Python, one compiled iteration at a time (with
     ``stacked_teacher`` not None: ``_run_many``'s, every iteration ``vmap``ped over groups).
 
@@ -470,6 +523,7 @@ def _run_host(fns: _Fns, ctx: dict, key, init, stacked_teacher: bool | None = No
     carry = _like_iteration_outputs(carry, ctx)
     history = []
     for i in range(fns.static.iterations):
+        _check_stop(should_stop, i, fns.static.iterations)
         carry, parts = _host_iteration(fns, ctx, k_loop, carry, jnp.int32(i), stacked_teacher)
         history.append(parts)
     # Iterations on the last axis: [T] alone, [G,T] over groups, as the scan returns them.
@@ -526,6 +580,8 @@ def synthesize(
     image_shape: tuple[int, int, int] = (32, 32, 3),
     class_mask: jax.Array | None = None,
     loop: str = "auto",
+    should_stop: Callable[[], bool] | None = None,
+    chunk: int = 50,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Inverts ``teacher`` into a batch of images: one compiled program (``loop="scan"``) or one
     compiled iteration dispatched per step (``loop="host"``, the CPU default).
@@ -549,6 +605,9 @@ def synthesize(
       loop: "scan" (one program: ``lax.scan`` inside ``jit``), "host" (one compiled iteration
         dispatched ``iterations`` times from Python; same arithmetic, faster on XLA:CPU) or
         "auto" (host on the CPU backend, scan on accelerators).
+      should_stop: checked before every host iteration, or between scans of ``chunk``
+        iterations (the scan then runs in chunks: the same arithmetic); when it says so,
+        ``stopping.Stopped`` is raised. None: never checked, the scan is one program.
 
     Returns:
       ``images float32 [N,H,W,C]`` (within ``cfg.clip``) and ``info``: per iteration ``[T]``
@@ -560,9 +619,11 @@ def synthesize(
     fns, ctx = _prepare(
         teacher, teacher_vars, cfg, targets, init, student, student_vars, image_shape, class_mask, 0
     )
-    if _loop(loop) == "scan":
-        return _run(fns, ctx, key, init)
-    return _run_host(fns, ctx, key, init)
+    if _loop(loop) == "host":
+        return _run_host(fns, ctx, key, init, should_stop=should_stop)
+    if should_stop is not None:
+        return _run_chunks(fns, ctx, key, init, should_stop, chunk)
+    return _run(fns, ctx, key, init)
 
 
 def synthesize_many(
@@ -579,6 +640,8 @@ def synthesize_many(
     class_mask: jax.Array | None = None,
     stacked_teacher: bool = False,
     loop: str = "auto",
+    should_stop: Callable[[], bool] | None = None,
+    chunk: int = 50,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``G`` independent syntheses in one compiled program (``vmap`` of ``synthesize``'s loop).
 
@@ -588,13 +651,17 @@ def synthesize_many(
     ``stacked_teacher`` every leaf of ``teacher_vars`` has a leading ``G`` axis too (one teacher
     per group, same architecture). The student and ``class_mask`` are shared.
 
-    ``loop`` as ``synthesize``'s (the host loop ``vmap``s each iteration over the groups).
+    ``loop``, ``should_stop`` and ``chunk`` as ``synthesize``'s (the host loop ``vmap``s each
+    iteration over the groups).
 
     Returns ``images [G,N,H,W,C]`` and ``info`` with a leading ``G`` axis on every entry.
     """
     fns, ctx = _prepare(
         teacher, teacher_vars, cfg, targets, init, student, student_vars, image_shape, class_mask, 1
     )
+    stacked = bool(stacked_teacher)
     if _loop(loop) == "host":
-        return _run_host(fns, ctx, keys, init, stacked_teacher=bool(stacked_teacher))
-    return _run_many(fns, ctx, keys, init, bool(stacked_teacher))
+        return _run_host(fns, ctx, keys, init, stacked_teacher=stacked, should_stop=should_stop)
+    if should_stop is not None:
+        return _run_chunks(fns, ctx, keys, init, should_stop, chunk, stacked_teacher=stacked)
+    return _run_many(fns, ctx, keys, init, stacked)

@@ -158,6 +158,7 @@ def make_synthesizer(
     *,
     noise_std: float = NOISE_STD,
     batch_size: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Synthesizer:
     """The CCSI strategy's ``synthesize`` callable for a model: class impressions of ``classes``.
 
@@ -168,7 +169,7 @@ def make_synthesizer(
     ``classes``. With ``batch_size`` the ``N = (n // batch_size) * batch_size`` images are
     synthesised as independent batches of that size in one ``vmap`` (each with its own batch
     statistics, as CCSI generates batches of ``bs = 40``); without, as one batch of ``N = n``.
-    ``cfg`` defaults to ``ccsi_config()``.
+    ``cfg`` defaults to ``ccsi_config()``; ``should_stop`` as ``deepinversion.synthesize``'s.
     """
     teacher = deepinversion.make_teacher_fn(graphdef)
     cfg = ccsi_config() if cfg is None else cfg
@@ -186,7 +187,14 @@ def make_synthesizer(
         variables = (params, batch_stats)
         if groups == 1:
             images, _ = deepinversion.synthesize(
-                teacher, variables, labels, k_run, cfg, init=init, class_mask=mask
+                teacher,
+                variables,
+                labels,
+                k_run,
+                cfg,
+                init=init,
+                class_mask=mask,
+                should_stop=should_stop,
             )
             return images, labels
         images, _ = deepinversion.synthesize_many(
@@ -197,6 +205,7 @@ def make_synthesizer(
             cfg,
             init=init.reshape(groups, size, *init.shape[1:]),
             class_mask=mask,
+            should_stop=should_stop,
         )
         return images.reshape(-1, *images.shape[2:]), labels
 
