@@ -45,6 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
             # "symmetric": uint8 -> [-1, 1]; "imagenet": torchvision's mean/std (converted
             # ImageNet backbones).
             "input_norm": "symmetric",
+            # Weights to start from (models/weights.py): a .npz path ("" = none), the sub-tree
+            # it goes into ("backbone" for an ImageNet classifier) and whether the head is
+            # skipped (another class count). Declared so --config.model.pretrained.path=... works.
+            "pretrained": {"path": "", "into": "", "skip_head": True},
         }
     )
     c.strategy = ml_collections.ConfigDict({"name": "naive", **strategies.default_hparams()})

@@ -83,7 +83,7 @@ def init_model(
     """``(graphdef, params, batch_stats)``, from ``model.pretrained`` weights when set."""
     graphdef, params, batch_stats = models.init(model_cfg, num_classes, seed=seed)
     pretrained = model_cfg.get("pretrained", None)
-    if pretrained:
+    if pretrained and pretrained.get("path"):
         # A backbone from an ImageNet classifier (``into``), or a whole model of the same
         # layout under a head with another class count (``skip_head``).
         params, batch_stats = weights.load(

@@ -1,7 +1,8 @@
 """The documentation stays true to the code: the generated hyperparameter table, every field of
-the registry's defaults documented, relative links that resolve, and a short README.
+the registry's defaults documented, relative links that resolve, a short README, and every
+``--config.<field>=<value>`` the docs and config files show resolving on its config.
 
-Cheap: imports ``clseg_jax.strategies`` (no compilation) and reads Markdown files.
+Cheap: imports the package and the config files (no compilation) and reads Markdown files.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 
 import pytest
 
-from clseg_jax import strategies
+from clseg_jax import main, strategies
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
@@ -99,3 +100,72 @@ def test_readme_is_short():
     assert n <= README_MAX_LINES, (
         f"README.md has {n} lines (at most {README_MAX_LINES}): move detail into docs/"
     )
+
+
+# A command's config and the overrides that follow it; an override shown on its own.
+_WITH_CONFIG = re.compile(
+    r"--config=(configs/[\w.]+(?::[^\s`'\"|]*)?)"
+    r"((?:\s+--config\.[\w.]+=(?:'[^']*'|\"[^\"]*\"|[^\s`|]+))*)"
+)
+_OVERRIDE = re.compile(r"--config\.([\w.]+)=('[^']*'|\"[^\"]*\"|[^\s`|)]+)")
+_PLACEHOLDER = re.compile(r"^(<.*>|\.\.\.|[A-Z]|\$\w+)$")  # <dir>, ..., K, $VOC
+
+
+def _documented_text() -> list[tuple[str, str]]:
+    configs = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+    out = []
+    for path in [*_markdown_files(), *configs]:
+        with open(path) as f:
+            out.append((os.path.relpath(path, ROOT), f.read().replace("\\\n", " ")))
+    return out
+
+
+def _config_files() -> dict[tuple[str, str | None], object]:
+    """Every config file's config, for its default and each of its ``EXAMPLE_ARGS``."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "[!_]*.py"))):
+        name = os.path.basename(path)[:-3]
+        module = importlib.import_module(f"configs.{name}")
+        for arg in getattr(module, "EXAMPLE_ARGS", (None,)):
+            out[(name, arg)] = module.get_config(arg)
+    return out
+
+
+def _has(config, path: str) -> bool:
+    node = config
+    for part in path.split("."):
+        if not (hasattr(node, "keys") and part in node.keys()):
+            return False
+        node = node[part]
+    return True
+
+
+def test_every_documented_override_resolves_on_its_config(monkeypatch):
+    """What the command line checks before a run (``main.check_args``: the config file, its
+    argument, each override's field and type), for every ``--config=`` with the overrides shown
+    after it; an override shown alone must exist, with a value of its type, in some config."""
+    monkeypatch.chdir(ROOT)
+    texts, alone = _documented_text(), set()
+    commands = 0
+    for where, text in texts:
+        for m in _WITH_CONFIG.finditer(text):
+            spec = re.sub(r"<[^>]*>", "0", m.group(1))  # seed=<s>
+            overrides = [
+                o.replace("'", "")
+                for o in m.group(2).split()
+                if not _PLACEHOLDER.match(o.partition("=")[2].strip("'\""))
+            ]
+            try:
+                main.check_args(["main", f"--config={spec}", *overrides])
+            except ValueError as e:
+                pytest.fail(f"{where}: --config={m.group(1)} {' '.join(overrides)}: {e}")
+            commands += 1
+        alone |= {(f, v.strip("'\"")) for f, v in _OVERRIDE.findall(text)}
+    assert commands >= 40 and len(alone) >= 20, (commands, len(alone))
+    configs = _config_files()
+    for field, value in sorted(alone):
+        having = [key for key, config in configs.items() if _has(config, field)]
+        assert having, f"--config.{field} is documented but no config file has that field"
+        if not _PLACEHOLDER.match(value):
+            for key in having:
+                main._check_override(configs[key], field, value)
