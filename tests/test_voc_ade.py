@@ -149,6 +149,11 @@ def test_deeplab_style_list_file(voc_root, tmp_path):
     (root / "ImageSets" / "Segmentation" / "trainaug.txt").unlink()
     src = voc.split_source(root, "trainaug", SIZE, 5)
     assert len(src) == 10 and src.image_paths[0].endswith(f"{ids[0]}.jpg")
+    # Without any augmented list (VOC2012 without SBD): the plain train list, with a warning.
+    (root / "list" / "train_aug.txt").unlink()
+    train = _split_ids(root, "train")
+    src = voc.split_source(root, "trainaug", SIZE, 5)
+    assert len(src) == len(train) and src.image_paths[0].endswith(f"{train[0]}.jpg")
 
 
 def test_voc_errors(voc_root, tmp_path):
@@ -331,3 +336,54 @@ def test_tiny_stream_builders_write_once(tmp_path, monkeypatch):
         "ade-k4-n12-6-s24-seed0",
         "voc-k4-n12-6-s24-seed0",
     ]
+
+
+# --------------------------------------------------------------------------- any root
+
+
+def test_class_names_from_config_labels_file_or_the_default(tmp_path):
+    root = tiny_layouts.write_voc(tmp_path / "voc3", num_classes=3, n_train=12, n_val=6, size=24)
+    written = tiny_layouts.class_names(3)
+    assert (root / files.LABELS_FILE).read_text().split() == list(written)
+    cfg = _cfg(root, tmp_path, protocol="2-1", image_size=24, class_names=())
+    stream = voc.make(cfg)  # names and count from labels.txt
+    assert stream.class_names == written and stream.num_classes == 4
+    cfg.class_names = ("bg", "a", "b", "c")
+    assert voc.make(cfg).class_names == ("bg", "a", "b", "c")  # the config's win
+    (root / files.LABELS_FILE).unlink()
+    cfg.class_names = ()
+    # No file, no field: VOC's 21 classes, which this 4-class root's protocol does not fit.
+    with pytest.raises(ValueError, match="2-1"):
+        voc.make(cfg)
+    (root / files.LABELS_FILE).write_text("background\nsquare\nsquare\n")
+    with pytest.raises(ValueError, match="each once"):
+        voc.make(cfg)
+
+
+def test_voc_config_on_any_root_with_the_small_recipe(tmp_path):
+    """configs/voc_ci.py with root= (no tiny, no wrapper config): the class count from the
+    root's labels.txt, the small recipe's model and optimizer, one short run end to end; and
+    the paper recipe with model=unet builds (it passed DeepLab's output_stride to the UNet)."""
+    from clseg_jax import main, setup, train
+    from configs import voc_ci
+
+    root = tiny_layouts.write_voc(tmp_path / "voc3", num_classes=3, n_train=48, n_val=12, size=32)
+    arg = f"root={root},recipe=small,task=2-1,method=mib,size=32,epochs=1"
+    cfg = voc_ci.get_config(arg)
+    assert (cfg.model.name, cfg.optimizer.name, cfg.strategy.mib_kd) == ("unet", "adam", 10.0)
+    main.check_args(
+        ["main", f"--config=configs/voc_ci.py:{arg}", "--config.data.class_names=('a','b')"]
+    )
+    cfg.data.train_split = "train"
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg.progress, cfg.log.tensorboard = False, False
+    r = train.run(cfg, str(tmp_path / "run"))
+    assert r["stream"]["num_classes"] == 4 and len(r["accuracy_matrix"]) == 2
+    assert r["forgetting_on"] == "old classes' IoU on the full test set"
+    for model in ("unet", "bisenet_small"):
+        paper = voc_ci.get_config(f"root={root},task=2-1,method=mib,size=32,batch=8,model={model}")
+        paper.data.train_split, paper.data.cache_dir = "train", str(tmp_path / "cache")
+        assert paper.optimizer.name == "sgd" and "output_stride" not in paper.model.kwargs
+        setup.build(paper)
+    with pytest.raises(ValueError, match="unknown recipe 'fast'"):
+        voc_ci.get_config("recipe=fast")

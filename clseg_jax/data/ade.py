@@ -97,7 +97,7 @@ def split_source(
 def make(cfg: ml_collections.ConfigDict) -> base.Stream:
     """Class-incremental ADE20K stream; config fields in the module docstring."""
     root = _ade_root(files.dataset_root(cfg, "ade", f"a folder with {_LAYOUT}"))
-    names = tuple(str(n) for n in (cfg.get("class_names", None) or CLASS_NAMES))
+    names = files.class_names(cfg, root, CLASS_NAMES, "ade")
     size = int(cfg.get("image_size", 512) or 512)
     other = str(cfg.get("test_other", "ignore") or "ignore")
     if other not in TEST_OTHER:

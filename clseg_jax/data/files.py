@@ -46,6 +46,32 @@ def dataset_root(cfg, what: str, layout: str) -> Path:
     return root
 
 
+LABELS_FILE = "labels.txt"
+
+
+def class_names(cfg, root: Path, default: Sequence[str], where: str) -> tuple[str, ...]:
+    """A dataset folder's class names, background first: ``config.class_names`` when given, else
+    ``<root>/labels.txt`` (one name per line) when present, else ``default``; their count is
+    the class count."""
+    given = tuple(str(n) for n in (cfg.get("class_names", None) or ()))
+    if given:
+        names, origin = given, "config.class_names"
+    elif (root / LABELS_FILE).is_file():
+        lines = (root / LABELS_FILE).read_text().splitlines()
+        names, origin = (
+            tuple(line.strip() for line in lines if line.strip()),
+            str(root / LABELS_FILE),
+        )
+    else:
+        return tuple(default)
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(
+            f"{where}: {origin} must name the background and at least one class, each once; "
+            f"got {list(names)}"
+        )
+    return names
+
+
 def check_lut(label_map: np.ndarray | Sequence[int] | None, where: str) -> np.ndarray | None:
     """Validates a label LUT: ``uint8 [256]`` (value v becomes ``label_map[v]``), or None."""
     if label_map is None:

@@ -35,7 +35,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from clseg_jax.data import ade, base, shapes, voc
+from clseg_jax.data import ade, base, files, shapes, voc
 
 MAX_CLASSES = shapes.NUM_CLASSES - 1  # foreground shapes available
 
@@ -175,6 +175,8 @@ def write_voc(
                 Image.fromarray(label).save(folders["aug"] / f"{iid}.png")
     for name, listed in (("train", ids["train"]), ("val", ids["val"]), ("trainaug", ids["train"])):
         (folders["sets"] / f"{name}.txt").write_text("".join(f"{i}\n" for i in listed))
+    # The folder names its classes, so it is read with any class count (files.class_names).
+    (root / files.LABELS_FILE).write_text("".join(f"{n}\n" for n in class_names(num_classes)))
     return root
 
 
@@ -206,6 +208,9 @@ def write_ade(
             name = f"ADE_{stem}_{i + 1:08d}"
             _write_jpeg(image, images / f"{name}.jpg")
             Image.fromarray(label).save(annotations / f"{name}.png")
+    (ade / files.LABELS_FILE).write_text(
+        "".join(f"{n}\n" for n in class_names(num_classes, background="other"))
+    )
     return ade
 
 

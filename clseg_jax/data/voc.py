@@ -10,7 +10,8 @@ Layout (the VOCdevkit one, plus the augmented masks if present)::
 A split list holds one id per line. The MiB / PLOP / DeepLab list files (``train_aug.txt`` in
 ``<root>/splits/`` or ``<root>/list/``, lines ``/JPEGImages/<id>.jpg
 /SegmentationClassAug/<id>.png``) are read too: the id is the first column's file stem.
-``trainaug`` and ``train_aug`` name the same list. The papers train on the augmented set
+``trainaug`` and ``train_aug`` name the same list; where neither exists (VOC2012 without SBD's
+masks) ``train`` is read instead, with a warning in the log. The papers train on the augmented set
 (``train_aug``, 10,582 images) and test on ``val`` (1,449 images), the defaults here.
 
 21 classes: 0 background, 1..20 ``VOC_CLASSES``; 255 (object borders) is ignored. The multi-label
@@ -24,9 +25,9 @@ resized), ``train_split`` ("trainaug"), ``test_split`` ("val"), ``masks`` ("auto
 augmented masks if ``SegmentationClassAug/`` exists, else ``SegmentationClass/``),
 ``test_fit`` ("pad": the whole test image on the canvas, scored at full resolution;
 "resize_crop": shorter side resized to ``image_size`` and a centred square, MiB's reference-code
-default ``--crop_val``, see ``files.resize_crop``), ``class_names`` (overrides the 21 names, e.g.
-for ``tiny_layouts.write_voc`` folders; their count is the class count), ``cache_dir`` (the
-presence cache, ``~/.cache/clseg_jax/presence``).
+default ``--crop_val``, see ``files.resize_crop``), ``class_names`` (overrides the 21 names;
+without it a ``labels.txt`` in the root, one name per line with the background first, does; their
+count is the class count), ``cache_dir`` (the presence cache, ``~/.cache/clseg_jax/presence``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import ml_collections
+from absl import logging
 
 from clseg_jax.data import base, checks, files, incremental
 
@@ -68,10 +70,20 @@ _ALIASES = {"trainaug": ("trainaug", "train_aug"), "train_aug": ("train_aug", "t
 
 def _split_file(root: Path, split: str) -> Path:
     tried = []
-    for name in _ALIASES.get(split, (split,)):
+    names = _ALIASES.get(split, (split,))
+    # The augmented list is the papers' default; a plain VOC2012 folder has only "train".
+    fallback = ("train",) if split in _ALIASES else ()
+    for name in (*names, *fallback):
         for folder in _LIST_DIRS:
             file = root / folder / f"{name}.txt"
             if file.is_file():
+                if name in fallback:
+                    logging.warning(
+                        "voc: no %r list under %s: training on 'train' (VOC2012 without SBD's "
+                        "augmented set: 1,464 images instead of 10,582)",
+                        split,
+                        root,
+                    )
                 return file
             tried.append(str(folder / f"{name}.txt"))
     raise ValueError(
@@ -138,7 +150,7 @@ def split_source(
 def make(cfg: ml_collections.ConfigDict) -> base.Stream:
     """Class-incremental VOC stream; config fields in the module docstring."""
     root = files.dataset_root(cfg, "voc", f"a VOC2012 folder with {_LAYOUT}")
-    names = tuple(str(n) for n in (cfg.get("class_names", None) or CLASS_NAMES))
+    names = files.class_names(cfg, root, CLASS_NAMES, "voc")
     size = int(cfg.get("image_size", 512) or 512)
     masks = str(cfg.get("masks", "auto") or "auto")
     splits = [

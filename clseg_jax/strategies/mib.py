@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from clseg_jax import losses
 from clseg_jax.strategies import base, snapshot
@@ -111,6 +112,8 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
         raise ValueError(f"mib_ce_pixels must be 'valid' or 'all', got {ce_pixels!r}")
     if env.task.name != "segmentation":
         raise ValueError(f"mib models a background class: segmentation only, not {env.task.name}")
+    # Said in the run log: configs pick it by protocol (MiB's 100 for a-1 stalls small models).
+    logging.info("mib: distillation weight mib_kd=%g, mib_ce_pixels=%s", kd_weight, ce_pixels)
     k = env.num_classes
 
     def init(params: PyTree, batch_stats: PyTree) -> MiBState:
