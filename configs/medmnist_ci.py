@@ -30,8 +30,9 @@ chain) brings CCSI's model: the cosine head and, unless ``norm=`` says otherwise
 Normalization. ``size=64|128|224`` reads the MedMNIST+ files; 128 and 224 px use the ImageNet stem
 (7x7 stride 2 + max-pool). ``quick`` is a CPU-sized run (256 training / 100 test images per step,
 ResNet widths 8-64, 3 epochs, batch 16) and scales the synthesis iterations of the data-free
-strategies like the epochs (3 / 100: CCSI's 5000 -> 150, DeepInversion's 200 -> 6), and starts
-the cosine head's scale at 10 (``configs/digits_data_free.py`` measured why).
+strategies like the epochs (3 / 100: CCSI's 5000 -> 150, DeepInversion's 200 -> 6), keeps 400
+class impressions (``configs/digits_data_free.py``'s, measured for 256 images per step) and starts
+the cosine head's scale at 10 (the same config measured why).
 
 Results: none yet. The MedMNIST files are not in this repository and cannot be downloaded where it
 is developed; docs/data_free.md's MedMNIST table is filled from runs of the commands above.
@@ -117,5 +118,8 @@ def get_config(arg: str | None = None):
     if a.quick:  # synthesis scaled like the epochs (3 of the recipe's 100)
         for key in ("ccsi_iterations", "di_iterations"):
             c.strategy[key] = max(1, round(c.strategy[key] * c.epochs / FULL_EPOCHS))
+        # configs/digits_data_free.py's measured memory for 256 real images per step (640, for
+        # thousands per step, made the first quick synthesis take minutes).
+        c.strategy.ccsi_mem_size = 400
     c.compare = ("naive", "lwf", "replay", "cumulative") if a.compare else ()
     return c

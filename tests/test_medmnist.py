@@ -297,7 +297,7 @@ def test_config_fields():
     assert medmnist_ci.get_config("strategy=ccsi,norm=batch").model.kwargs.norm == "batch"
     quick = medmnist_ci.get_config("quick,strategy=ccsi")
     assert (quick.strategy.ccsi_iterations, quick.strategy.di_iterations) == (150, 6)
-    assert quick.model.kwargs.sigma_init == 10.0
+    assert quick.model.kwargs.sigma_init == 10.0 and quick.strategy.ccsi_mem_size == 400
     for arg in medmnist_ci.EXAMPLE_ARGS:
         setup.validate_names(_registered(medmnist_ci.get_config(arg)))
 
