@@ -41,6 +41,7 @@ is developed; docs/data_free.md's MedMNIST table is filled from runs of the comm
 from __future__ import annotations
 
 from clseg_jax import config as config_lib
+from clseg_jax import strategies
 
 EXAMPLE_ARGS = (
     None,
@@ -92,7 +93,7 @@ def get_config(arg: str | None = None):
     c.data.image_size = 32 if a.size == 28 else 0
     c.data.train_per_exp = 256 if a.quick else 0
     c.data.test_per_exp = 100 if a.quick else 0
-    ccsi = "ccsi" in a.strategy.split("+")
+    ccsi = "ccsi" in strategies.names(a.strategy)
     c.model.name = "resnet18"
     norm = a.norm or ("continual" if ccsi else "batch")
     c.model.kwargs = {"small_input": a.size <= 64, "norm": norm}
