@@ -149,6 +149,7 @@ return [...document.querySelectorAll('#jobs tbody tr')].map(tr => [
 # browser first: a missing Chromium skips before the API starts.
 def test_web_page_end_to_end(browser: Any, service: tuple[str, str], tmp_path: Path) -> None:
     import httpx
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -183,6 +184,12 @@ def test_web_page_end_to_end(browser: Any, service: tuple[str, str], tmp_path: P
     # -- token, lineage, live jobs --
     browser.get(base + "/")
     wait = WebDriverWait(browser, 30)
+    # Under a loaded machine the page may still be arriving when get() returns (seen once in a
+    # clean-clone run: no #token yet); wait for it, and show what came if it never does.
+    try:
+        wait.until(ec.presence_of_element_located((By.ID, "token")))
+    except TimeoutException:
+        pytest.fail(f"the page never showed #token; it holds: {browser.page_source[:800]!r}")
     browser.find_element(By.ID, "token").send_keys(token)
     browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
     wait.until(
