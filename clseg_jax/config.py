@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from clseg_jax import strategies
+from clseg_jax import models, strategies
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -41,7 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(
         {
             "name": "unet",
-            "kwargs": {"widths": (16, 32, 64, 128), "norm": "batch"},
+            # Every argument of the model, declared (models.kwargs_config) so each is
+            # overridable from the command line; a config that switches model.name switches
+            # this with it.
+            "kwargs": models.kwargs_config("unet"),
             # "symmetric": uint8 -> [-1, 1]; "imagenet": torchvision's mean/std (converted
             # ImageNet backbones).
             "input_norm": "symmetric",

@@ -88,7 +88,7 @@ _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 def _check_override(config, name: str, value: str) -> None:
-    node, done = config, []
+    node, parent, done = config, None, []
     for part in name.split("."):
         keys = list(node.keys()) if hasattr(node, "keys") else []
         if part not in keys:
@@ -98,8 +98,9 @@ def _check_override(config, name: str, value: str) -> None:
             raise ValueError(
                 f"--config.{name}: {where} has no field {part!r}{hint} (fields: {sorted(keys)})"
             )
-        node, done = node[part], [*done, part]
-    kind = type(node)
+        node, parent, done = node[part], node, [*done, part]
+    # A typed placeholder (a None default, e.g. model.kwargs.dtype) has its type on the parent.
+    kind = parent.get_type(part) if node is None and hasattr(parent, "get_type") else type(node)
     try:
         if kind is bool:
             if value.lower() not in _TRUE + _FALSE:

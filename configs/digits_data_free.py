@@ -64,12 +64,7 @@ def get_config(arg: str | None = None):
         # sigma starts at 10, not CCSI's 1: with logits in [-1, 1] the cosine head needs tens of
         # epochs before it can be confident (phase 0 reaches 0.74 in 6 epochs with 1, 0.95 with
         # 10); CCSI trains 100 epochs per step, this CPU-sized run 6.
-        c.model.kwargs = {
-            **c.model.kwargs,
-            "head": "cosine",
-            "norm": "continual",
-            "sigma_init": 10.0,
-        }
+        c.model.kwargs.update({"head": "cosine", "norm": "continual", "sigma_init": 10.0})
     c.strategy.update(DEEPINVERSION)
     c.strategy.update(CCSI)
     # One model per comparison: ABD's loss needs a linear head, CCSI its cosine head.

@@ -41,7 +41,7 @@ is developed; docs/data_free.md's MedMNIST table is filled from runs of the comm
 from __future__ import annotations
 
 from clseg_jax import config as config_lib
-from clseg_jax import strategies
+from clseg_jax import models, strategies
 
 EXAMPLE_ARGS = (
     None,
@@ -96,13 +96,13 @@ def get_config(arg: str | None = None):
     ccsi = "ccsi" in strategies.names(a.strategy)
     c.model.name = "resnet18"
     norm = a.norm or ("continual" if ccsi else "batch")
-    c.model.kwargs = {"small_input": a.size <= 64, "norm": norm}
+    c.model.kwargs = models.kwargs_config("resnet18", small_input=a.size <= 64, norm=norm)
     if ccsi:
-        c.model.kwargs["head"] = "cosine"
+        c.model.kwargs.head = "cosine"
     if a.quick:
-        c.model.kwargs["widths"] = (8, 16, 32, 64)
+        c.model.kwargs.widths = (8, 16, 32, 64)
         if ccsi:
-            c.model.kwargs["sigma_init"] = 10.0
+            c.model.kwargs.sigma_init = 10.0
     c.batch_size = 16 if a.quick else 40
     c.eval_batch_size = 100 if a.quick else 256
     c.eval_task_il = True

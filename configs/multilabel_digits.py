@@ -11,6 +11,7 @@ Task t trains on the canvases holding one of its digits, with the other tasks' d
 from __future__ import annotations
 
 from clseg_jax import config as config_lib
+from clseg_jax import models
 
 EXAMPLE_ARGS = (None, "strategy=ppi", "strategy=lwf", "strategy=replay", "strategy=gem")
 
@@ -27,7 +28,7 @@ def get_config(arg: str | None = None):
     c.data.train_per_exp = 256
     c.data.test_per_exp = 128
     c.model.name = "resnet18"
-    c.model.kwargs = {"small_input": True, "widths": (8, 16, 32, 64)}
+    c.model.kwargs = models.kwargs_config("resnet18", small_input=True, widths=(8, 16, 32, 64))
     c.batch_size = 16
     c.eval_batch_size = 64
     c.epochs = 2

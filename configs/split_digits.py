@@ -14,6 +14,7 @@ classes), and ``results.json["task_il"]`` is the matrix that counts.
 from __future__ import annotations
 
 from clseg_jax import config as config_lib
+from clseg_jax import models
 
 EXAMPLE_ARGS = (
     None,
@@ -48,7 +49,7 @@ def get_config(arg: str | None = None):
     c.data.train_per_exp = 256
     c.data.test_per_exp = 100
     c.model.name = "resnet18"
-    c.model.kwargs = {"small_input": True, "widths": (8, 16, 32, 64)}
+    c.model.kwargs = models.kwargs_config("resnet18", small_input=True, widths=(8, 16, 32, 64))
     c.batch_size = 16
     c.eval_batch_size = 100
     c.eval_task_il = True

@@ -39,7 +39,10 @@ there instead); the protocol must then fit 4 classes (e.g. ``task=3-1``).
 
 from __future__ import annotations
 
+import ml_collections
+
 from clseg_jax import config as config_lib
+from clseg_jax import models
 
 # method -> (strategy name, strategy fields); the paper's hyperparameters for that method.
 METHODS: dict[str, tuple[str, dict]] = {
@@ -151,7 +154,7 @@ def make(a, dataset: str, num_classes: int):
         c.model.pretrained = {"path": a.pretrained, "into": "backbone", "skip_head": True}
     small = recipe == "small"
     c.model.name = "unet" if small and a.model == ARGS["model"] else a.model
-    c.model.kwargs = _model_kwargs(c.model.name, small, a.tiny)
+    c.model.kwargs = _model_kwargs(c.model.name, small)
     # Tiny MiB keeps the registry's defaults, as the behaviour tests measured it.
     if name == "mib" and not a.tiny:
         auto = kd_weight(a.task, num_classes) if dataset == "voc" else 10.0
@@ -190,15 +193,10 @@ def _recall(c, a, dataset: str, num_classes: int) -> None:
 SPLITS = {"voc": ("trainaug", "val"), "ade": ("training", "validation")}
 
 
-def _model_kwargs(model: str, small: bool, tiny: bool) -> dict:
-    """What switching ``model=`` gives: the small recipe's UNet, DeepLab-v3 at the papers'
-    output stride 16 (on the real datasets; the tiny runs keep its defaults), else the model's
-    own defaults."""
-    if model == "unet":
-        return dict(SMALL_UNET) if small else {}
-    if model.startswith("deeplabv3") and not tiny:
-        return {"output_stride": 16}
-    return {}
+def _model_kwargs(model: str, small: bool) -> ml_collections.ConfigDict:
+    """What switching ``model=`` gives: every argument of that model at its defaults (DeepLab-v3:
+    the papers' output stride 16), the small recipe's UNet widths."""
+    return models.kwargs_config(model, **(SMALL_UNET if model == "unet" and small else {}))
 
 
 def _tiny(c, name: str) -> None:

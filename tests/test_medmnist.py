@@ -290,7 +290,7 @@ def test_config_fields():
     # CCSI brings its model (cosine head, Continual Normalization unless norm= says otherwise);
     # quick scales synthesis like the epochs, 3 of 100.
     plain = medmnist_ci.get_config("strategy=naive")
-    assert plain.model.kwargs.norm == "batch" and "head" not in plain.model.kwargs
+    assert (plain.model.kwargs.norm, plain.model.kwargs.head) == ("batch", "linear")
     ccsi = medmnist_ci.get_config("strategy=ccsi")
     assert (ccsi.model.kwargs.head, ccsi.model.kwargs.norm) == ("cosine", "continual")
     assert ccsi.strategy.ccsi_iterations == 5000

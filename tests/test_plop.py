@@ -234,7 +234,7 @@ def _phase(images, labels, index=1, mask=CUR_MASK, new=(3,)):
     return base.Phase(index, (index,), new, seen, mask, batches)
 
 
-def test_thresholds_are_floored_medians_of_the_entropy_per_predicted_class():
+def test_thresholds_are_floored_medians_of_the_entropy_per_predicted_class(caplog):
     rng = np.random.default_rng(6)
     rows = 40
     table = rng.normal(size=(rows, K)) * rng.uniform(0.5, 4.0, size=(rows, 1))
@@ -265,7 +265,8 @@ def test_thresholds_are_floored_medians_of_the_entropy_per_predicted_class():
     params = {"table": jnp.asarray(table, jnp.float32)}
     state = strategy.init(params, {})
     state = strategy.after_phase(params, {}, state, _phase(images, labels, 0, OLD_MASK, (1, 2)))
-    _, state = strategy.before_phase(params, {}, state, _phase(images, labels))
+    with caplog.at_level("INFO"):
+        _, state = strategy.before_phase(params, {}, state, _phase(images, labels))
 
     # numpy: per pixel labelled 0, the old model's class and the code's entropy.
     u = np_code_entropy(logits, OLD_MASK, n_cur=4)
@@ -283,6 +284,8 @@ def test_thresholds_are_floored_medians_of_the_entropy_per_predicted_class():
     assert got[0] == pytest.approx(0.001)  # the floor (a max, not a cap)
     np.testing.assert_allclose(got[3:], 0.001)  # never predicted by the old model
     assert np.all(want[1:3] > 0.01)  # the check covers real medians too
+    # The run log names what the automatic rule gave (issue 16): 1 of the 3 old classes floored.
+    assert "plop_threshold=0.001; 1 of 3 at the floor" in caplog.text, caplog.text
     np.testing.assert_allclose(float(state.pod_scale), math.sqrt(4 / 1), rtol=1e-6)
     np.testing.assert_allclose(
         float(state.entropy_scale), 1 / (3 * math.log(3) * math.log(4)), rtol=1e-6

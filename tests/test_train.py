@@ -231,8 +231,8 @@ def test_non_finite_loss_stops_and_keeps_only_finite_checkpoints(tmp_path):
         ("shapes_di.py", "--config.epoch=3", "config has no field 'epoch'; did you mean 'epochs'?"),
         (
             "shapes_di.py",
-            "--config.model.kwargs.dtype=bfloat16",
-            "config.model.kwargs has no field 'dtype' (fields: ['norm', 'widths'])",
+            "--config.model.kwargs.dtpye=bfloat16",
+            "config.model.kwargs has no field 'dtpye'; did you mean 'dtype'?",
         ),
         ("shapes_di.py", "--config.epochs=abc", "--config.epochs=abc: expected int"),
         ("shapes_di.py", "--config.progress=maybe", "--config.progress=maybe: expected bool"),

@@ -358,6 +358,14 @@ def test_class_names_from_config_labels_file_or_the_default(tmp_path):
     (root / files.LABELS_FILE).write_text("background\nsquare\nsquare\n")
     with pytest.raises(ValueError, match="each once"):
         voc.make(cfg)
+    # ADE20K's layout with 2 classes, named by its labels.txt (given the folder's parent).
+    ade_root = tiny_layouts.write_ade(tmp_path / "ade2", num_classes=2, n_train=8, n_val=4, size=24)
+    cfg = _cfg(ade_root.parent, tmp_path, protocol="1-1", image_size=24, class_names=())
+    stream = ade.make(cfg)
+    assert stream.class_names == tiny_layouts.class_names(2, "other") and stream.num_classes == 3
+    assert [e.classes for e in stream.experiences] == [(0, 1), (0, 2)]
+    with pytest.raises(ValueError, match=r"protocol '2-1'"):
+        ade.make(_cfg(ade_root, tmp_path, protocol="2-1", image_size=24, class_names=()))
 
 
 def test_voc_config_on_any_root_with_the_small_recipe(tmp_path):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 from flax import nnx
+from ml_collections import config_dict
 
 from clseg_jax.models import bisenet, deeplab, resnet, unet
 
@@ -43,6 +47,55 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
 }
 
 
+# The constructor's own arguments, not the user's: the head size comes from the stream.
+_NOT_KWARGS = ("num_classes", "rngs")
+
+
+def _defaults(name: str) -> dict[str, Any]:
+    """``{kwarg: default}`` of ``MODELS[name]``'s constructor (a partial's keywords included)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid: {sorted(MODELS)}")
+    factory = MODELS[name]
+    fixed = factory.keywords if isinstance(factory, functools.partial) else {}
+    params = inspect.signature(_class(factory).__init__).parameters.values()
+    return {
+        p.name: fixed.get(p.name, p.default)
+        for p in params
+        if p.kind is p.KEYWORD_ONLY and p.name not in _NOT_KWARGS
+    }
+
+
+def _class(factory: Callable[..., Any]) -> type:
+    return factory.func if isinstance(factory, functools.partial) else factory
+
+
+def _field_type(name: str, key: str) -> type:
+    """The non-None type of ``key``'s annotation (``str | None`` -> str, ``tuple[int, ...] |
+    None`` -> tuple): what a ``None`` default's placeholder accepts from the command line."""
+    hint = typing.get_type_hints(_class(MODELS[name]).__init__)[key]
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    kind = next(a for a in args if a is not type(None))
+    return typing.get_origin(kind) or kind
+
+
+def kwargs_config(name: str, **given: Any) -> ml_collections.ConfigDict:
+    """Every keyword ``MODELS[name]`` takes, at its default unless ``given``.
+
+    What configs declare as ``model.kwargs``, so that ``--config.model.kwargs.<k>=...`` works
+    for every argument of the chosen model; a ``None`` default (``dtype``, ``widths``) becomes a
+    typed placeholder, so it too takes a command-line value.
+    """
+    defaults = _defaults(name)
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"model {name!r} takes no {unknown}; its kwargs: {sorted(defaults)}")
+    out = {}
+    for key, default in defaults.items():
+        value = given.get(key, default)
+        out[key] = config_dict.placeholder(_field_type(name, key)) if value is None else value
+    return ml_collections.ConfigDict(out)
+
+
 def init_key(seed: int) -> jax.Array:
     """The initialisers' key for ``seed``.
 
@@ -55,10 +108,16 @@ def init_key(seed: int) -> jax.Array:
 def make(cfg: ml_collections.ConfigDict, num_classes: int, seed: int | jax.Array) -> nnx.Module:
     """Builds ``MODELS[cfg.name]`` eagerly, with the head sized to ``num_classes``; ``seed`` is an
     int or an ``init_key``."""
-    if cfg.name not in MODELS:
-        raise ValueError(f"unknown model {cfg.name!r}; valid: {sorted(MODELS)}")
+    kwargs = dict(cfg.kwargs)
+    valid = set(_defaults(cfg.name))
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        # A config whose model.name was switched without its kwargs (kwargs_config).
+        raise ValueError(
+            f"model {cfg.name!r} takes no model.kwargs {unknown}; its kwargs: {sorted(valid)}"
+        )
     key = init_key(seed) if isinstance(seed, int) else seed
-    return MODELS[cfg.name](num_classes=num_classes, rngs=nnx.Rngs(key), **dict(cfg.kwargs))
+    return MODELS[cfg.name](num_classes=num_classes, rngs=nnx.Rngs(key), **kwargs)
 
 
 def init(

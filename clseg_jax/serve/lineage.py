@@ -108,7 +108,7 @@ def train_config(spec: dict[str, Any], data_dir: str) -> ml_collections.ConfigDi
     c.data.path = data_dir
     c.data.num_classes = spec["num_classes"]
     c.data.kind = spec["kind"]
-    c.model.kwargs = {"widths": tuple(spec["model_widths"]), "norm": "batch"}
+    c.model.kwargs.widths = tuple(spec["model_widths"])
     c.strategy.name = spec["strategy"]
     c.strategy.update(spec["strategy_params"])
     c.optimizer.lr = spec["lr"]

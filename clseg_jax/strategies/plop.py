@@ -73,6 +73,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from clseg_jax import losses
 from clseg_jax.strategies import base, importance, mib, snapshot
@@ -286,6 +287,18 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
             params = {**params, "head": mib.init_classifier(params["head"], new)}
         scale = 1.0 / (n_old * log_old * math.log(n_cur)) if min(n_old, n_cur) >= 2 else 0.0
         thresholds = np.maximum(histogram_median(np.asarray(hist)) * log_old * scale, floor)
+        # The automatic setting a reader of a stalled run needs (issue 16): which thresholds
+        # the paper's median rule gave on this model, and how many sat at the floor.
+        olds = np.flatnonzero(old_mask)
+        logging.info(
+            "plop: pseudo-label entropy thresholds of old classes %s: %s (floor "
+            "plop_threshold=%g; %d of %d at the floor)",
+            olds.tolist(),
+            np.round(thresholds[olds], 4).tolist(),
+            floor,
+            int(np.sum(thresholds[olds] <= floor)),
+            olds.size,
+        )
         pod_scale = math.sqrt(n_cur / n_new) if n_new else 1.0
         new = {"thresholds": thresholds, "entropy_scale": scale, "pod_scale": pod_scale}
         return params, state._replace(**base.place_like(new, {f: getattr(state, f) for f in new}))
