@@ -38,7 +38,7 @@ test: $(STAMP)
 
 # Full-size runs (minutes each); not part of `make test`.
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m slow
+	$(BIN)/python -m pytest -q -ra -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
             "pretrained": {"path": "", "into": "", "skip_head": True},
         }
     )
+    # "float32" | "bfloat16" | "auto" (bf16 on GPU/TPU): the dtype convolutions and matmuls run
+    # in; parameters, optimizer and strategy state stay float32 (clseg_jax/precision.py).
+    c.precision = "float32"
     c.strategy = ml_collections.ConfigDict({"name": "naive", **strategies.default_hparams()})
     c.optimizer = ml_collections.ConfigDict(
         {

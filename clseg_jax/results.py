@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from clseg_jax import evaluate, metrics, report, tasks
+from clseg_jax import evaluate, metrics, precision, report, tasks
 from clseg_jax.data import base as data_base
 from clseg_jax.strategies import base
 
@@ -124,6 +124,7 @@ def summarize(
         "metric": task.metric,
         "task": task.name,
         "strategy": config.strategy.name,
+        "precision": precision.describe(config),
         "accuracy_matrix": R,
         "initial_row": initial,
         **metrics.cl_summary(R, initial if len(R) > 1 else None),

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from clseg_jax import data, evaluate, models, sharding, stopping, strategies, tasks
+from clseg_jax import data, evaluate, models, precision, sharding, stopping, strategies, tasks
 from clseg_jax import step as step_lib
 from clseg_jax.data import base as data_base
 from clseg_jax.data import phases as phases_lib
@@ -75,6 +75,7 @@ def validate_names(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"unknown dataset {config.data.name!r}; valid: {sorted(data.DATASETS)}")
     if config.model.name not in models.MODELS:
         raise ValueError(f"unknown model {config.model.name!r}; valid: {sorted(models.MODELS)}")
+    precision.check(config.get("precision", "float32"))
 
 
 def init_model(
@@ -161,8 +162,9 @@ def build(
       stop: whether the run was asked to stop, for hooks that loop for long (``Env.stop``).
     """
     validate_names(config)
+    model_cfg = precision.model_config(config.model, config.get("precision", "float32"))
     stream = stream if stream is not None else data.make(config.data)
-    graphdef, params, batch_stats = init_model(config.model, stream.num_classes, config.seed)
+    graphdef, params, batch_stats = init_model(model_cfg, stream.num_classes, config.seed)
     input_norm = config.model.get("input_norm", "symmetric")
     forward = step_lib.make_forward(graphdef, input_norm)
     env = make_env(
@@ -236,8 +238,13 @@ def jit_step(parts: Parts) -> Callable:
 def compile_step(parts: Parts) -> Callable:
     """The run's train step compiled ahead of time; a call with other shapes fails instead of
     recompiling."""
+    return lower_step(parts).compile()
+
+
+def lower_step(parts: Parts) -> jax.stages.Lowered:
+    """The run's train step lowered for its batch shapes (``.as_text()``: its StableHLO)."""
     cfg = parts.config
-    return step_lib.compile_train_step(
+    return step_lib.lower_train_step(
         jit_step(parts),
         parts.arrays,
         parts.mesh,

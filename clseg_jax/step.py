@@ -1,10 +1,10 @@
 """The train step: a pure function of pytrees, compiled once for a whole stream.
 
 ``make_train_step`` returns the function; ``jit_train_step`` jits it with explicit shardings
-(``array_shardings``) and buffer donation, and ``compile_train_step`` compiles that ahead of time
-once per (shapes, strategy); the strategy state and the class mask are arguments, so no phase of
-the stream recompiles it. Metrics accumulate on device in a
-``clu.metrics`` collection that the host reads only at log steps.
+(``array_shardings``) and buffer donation, and ``lower_train_step(...).compile()`` compiles that
+ahead of time once per (shapes, strategy); the strategy state and the class mask are arguments,
+so no phase of the stream recompiles it. Metrics accumulate on device in a ``clu.metrics``
+collection that the host reads only at log steps.
 """
 
 from __future__ import annotations
@@ -91,10 +91,16 @@ def make_forward(graphdef: nnx.GraphDef, input_norm: str = "symmetric") -> base.
             else:
                 images = x / 127.5 - 1.0
         model = nnx.merge(graphdef, params, batch_stats)
-        outputs = model(images, train=train)
+        # Losses and strategy state read float32 whatever the model computed in (a bf16
+        # precision policy); a no-op for a float32 model.
+        outputs = jax.tree.map(_to_float32, model(images, train=train))
         return outputs, nnx.state(model, nnx.BatchStat).to_pure_dict()
 
     return forward
+
+
+def _to_float32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
 class PhaseLRState(NamedTuple):
@@ -292,7 +298,7 @@ def jit_train_step(step: Callable, shardings: dict, mesh) -> Callable:
     )
 
 
-def compile_train_step(
+def lower_train_step(
     jitted: Callable,
     arrays: dict,
     mesh,
@@ -300,9 +306,10 @@ def compile_train_step(
     image_shape: tuple[int, ...],
     label_shape: tuple[int, ...],
     num_classes: int,
-):
-    """Compiles a ``jit_train_step`` ahead of time for ``batch_size`` rows of these shapes;
-    a call with other shapes fails instead of recompiling."""
+) -> jax.stages.Lowered:
+    """A ``jit_train_step`` lowered for ``batch_size`` rows of these shapes (its StableHLO is
+    what the precision tests read); ``.compile()`` gives a step that fails on other shapes
+    instead of recompiling."""
     batch_sh = sharding.batch_sharding(mesh)
     batch = {
         "image": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.uint8, sharding=batch_sh),
@@ -317,4 +324,4 @@ def compile_train_step(
         batch,
         arrays["rng"],
         mask,
-    ).compile()
+    )

@@ -126,6 +126,8 @@ def make(a, dataset: str, num_classes: int):
     c.optimizer.weight_decay = 1e-4
     c.optimizer.schedule = "poly"
     c.log_every_steps = 50
+    # bf16 convolutions on a GPU/TPU (float32 state, clseg_jax/precision.py), float32 on a CPU.
+    c.precision = "auto"
     name, fields = METHODS[a.method]
     c.strategy.name = name
     for key, value in fields.items():

@@ -49,9 +49,22 @@ def setups():
 
 @pytest.mark.parametrize("name", sorted(strategies.STRATEGIES))
 def test_strategy_contract(name, setups, tmp_path):
+    _contract(name, setups, tmp_path, "float32")
+
+
+# One strategy per kind of hook: a penalty with between-phase state (ewc), a per-step state
+# update (si), a gradient transform (agem), appended rows (replay), a task-loss replacer with a
+# head init (mib). Their state must stay float32 (its signature is checked) under bf16 compute.
+@pytest.mark.parametrize("name", ["ewc", "si", "agem", "replay", "mib"])
+def test_strategy_contract_under_bf16(name, setups, tmp_path):
+    _contract(name, setups, tmp_path, "bfloat16")
+
+
+def _contract(name, setups, tmp_path, policy: str) -> None:
     cfg, stream = setups(TASK_OF.get(name, "segmentation"))
     cfg = cfg.copy_and_resolve_references()
     cfg.strategy.name = name
+    cfg.precision = policy
     if name == "recall":  # replay images must come from somewhere: noise stands in for the web
         cfg.strategy.recall_source = "callable:clseg_jax.data.replay_sources:noise"
         cfg.strategy.recall_per_class = 8
@@ -69,6 +82,8 @@ def test_strategy_contract(name, setups, tmp_path):
     driven = tiny.drive(parts, phases_lib.make(stream, ((0,), (1,), (2,))), evaluate=False)
     state, sstate = driven.state, driven.sstate
     assert tiny.signature(sstate) == sig, f"{name}: strategy state changed tree/shape/dtype"
+    floats = {x.dtype for x in jax.tree.leaves((state, sstate)) if x.dtype.kind == "f"}
+    assert floats <= {np.dtype(np.float32)}, f"{name} under {policy}: {floats}"
     assert all(np.isfinite(m["loss"]) for m in driven.metrics), f"{name}: non-finite loss"
     assert driven.first_bad_step == [-1, -1, -1]
     compiles = driven.compiles

@@ -235,6 +235,7 @@ def test_non_finite_loss_stops_and_keeps_only_finite_checkpoints(tmp_path):
             "config.model.kwargs has no field 'dtpye'; did you mean 'dtype'?",
         ),
         ("shapes_di.py", "--config.epochs=abc", "--config.epochs=abc: expected int"),
+        ("shapes_di.py", "--config.precision=fp8", "unknown precision 'fp8'; valid: ['float32',"),
         ("shapes_di.py", "--config.progress=maybe", "--config.progress=maybe: expected bool"),
     ],
 )
