@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -62,11 +63,14 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def read(self, step: int | None = None) -> tuple[Any, dict]:
-        """Reads a checkpoint (default: the latest) as saved, without a target structure."""
+        """Reads a checkpoint (default: the latest) as saved, without a target structure; arrays
+        saved on devices this process does not have (another host count or topology: a TPU
+        VM's checkpoint on a laptop) land whole on its first device."""
         step = self.latest() if step is None else step
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        arrays = ocp.args.StandardRestore(fallback_sharding=here)
         out = self._manager.restore(
-            step,
-            args=ocp.args.Composite(arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+            step, args=ocp.args.Composite(arrays=arrays, meta=ocp.args.JsonRestore())
         )
         return out["arrays"], dict(out["meta"])
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from clseg_jax import models, strategies
+from clseg_jax import distributed, models, strategies
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -89,6 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
     # scale=(lo, hi): random rescale before the crop (the segmentation papers' 0.5-2.0).
     c.augment = ml_collections.ConfigDict({"crop": 0, "flip": False, "scale": ()})
     c.sharding = ml_collections.ConfigDict({"mesh": (("data", -1),), "param_rules": ()})
+    # Several processes (TPU VM workers, SLURM, hand launches): clseg_jax/distributed.py.
+    c.distributed = distributed.fields()
     c.log_every_steps = 20
     c.checkpoint_every_steps = 0  # 0: only at the end of each experience
     c.progress = True

@@ -16,7 +16,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clseg_jax import report, train
+from clseg_jax import distributed, report, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and results go.")
@@ -27,6 +27,7 @@ def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
     workdir = _WORKDIR.value
+    distributed.initialize(config)  # before anything asks JAX for its devices
     cache = config.get("compilation_cache_dir")
     if cache and not jax.config.jax_compilation_cache_dir:  # an explicit JAX setting wins
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
@@ -39,14 +40,16 @@ def main(argv: list[str]) -> None:
             rows[name] = train.run(c, os.path.join(workdir, name))
             if not rows[name]:
                 return _stopped(workdir)
-        print(report.comparison_table(rows))
-        print(f"results: {os.path.abspath(workdir)}/<strategy>/results.json and *.png")
+        if distributed.is_primary():
+            print(report.comparison_table(rows))
+            print(f"results: {os.path.abspath(workdir)}/<strategy>/results.json and *.png")
     else:
         results = train.run(config, workdir)
         if not results:
             return _stopped(workdir)
-        print(report.comparison_table({config.strategy.name: results}))
-        print(f"results: {os.path.abspath(workdir)}/results.json and *.png")
+        if distributed.is_primary():
+            print(report.comparison_table({config.strategy.name: results}))
+            print(f"results: {os.path.abspath(workdir)}/results.json and *.png")
 
 
 def _stopped(workdir: str) -> None:
@@ -127,6 +130,24 @@ def run() -> None:
         app.run(main)
     except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
         sys.exit(f"error: {e}")  # once: the absl log line would say it again
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        _lost_peer(e)
+
+
+def _lost_peer(e: Exception) -> None:
+    """A collective of a multi-process run failed: almost always another process died. One
+    line, then exit at once: JAX's shutdown would wait for the dead peer's heartbeat and abort
+    with a C++ stack trace."""
+    first = str(e).strip().splitlines()[0][:300]
+    sys.stderr.write(
+        f"error: process {jax.process_index()} of {jax.process_count()}: a collective failed, "
+        f"most likely another process died ({first}); rerun the same command on every process "
+        "to resume from the last checkpoint\n"
+    )
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

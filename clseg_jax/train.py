@@ -25,7 +25,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from clseg_jax import checkpoint, compiles, results, setup, sharding, stopping, writers
+from clseg_jax import checkpoint, compiles, distributed, results, setup, sharding, stopping, writers
 from clseg_jax import step as step_lib
 from clseg_jax.strategies import base
 
@@ -80,6 +80,8 @@ class _Run:
         self.parts = setup.build(config, stop=self._should_stop)
         self.arrays = self.parts.arrays
         self.ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"))
+        # Files are process 0's; the others train and save their checkpoint shards.
+        self.primary = distributed.is_primary()
         self.writer = writers.MetricWriter(
             self.workdir,
             tensorboard=config.log.tensorboard,
@@ -87,6 +89,7 @@ class _Run:
             wandb_mode=config.log.wandb_mode,
             run_name=os.path.basename(self.workdir),
             config=config.to_dict(),
+            enabled=self.primary,
         )
 
     def _should_stop(self) -> bool:
@@ -152,7 +155,8 @@ class _Run:
             task=parts.task,
             compile_count=self.counter.count,
         )
-        results.write(self.workdir, out)
+        if self.primary:
+            results.write(self.workdir, out)
         return out
 
     def _train_phase(
@@ -181,7 +185,7 @@ class _Run:
         bar = tqdm.tqdm(
             total=n_steps,
             initial=progress.step_in_phase,
-            disable=not cfg.progress,
+            disable=not (cfg.progress and self.primary),
             desc=f"phase {phase.index + 1}/{len(parts.phases)} (experience {phase.experiences})",
             unit="step",
             dynamic_ncols=True,

@@ -42,6 +42,8 @@ class MetricWriter:
       wandb_mode: ``"offline"`` (default, no network), ``"online"`` or ``"disabled"``.
       run_name: wandb run name.
       config: hyper-parameters recorded with the wandb run.
+      enabled: False makes every call a no-op that writes nothing (the processes other than 0
+        of a multi-process run).
     """
 
     def __init__(
@@ -54,13 +56,17 @@ class MetricWriter:
         wandb_mode: str = "offline",
         run_name: str | None = None,
         config: Mapping[str, Any] | None = None,
+        enabled: bool = True,
     ):
         self.workdir = os.fspath(workdir)
-        os.makedirs(self.workdir, exist_ok=True)
         self.jsonl_path = os.path.join(self.workdir, "metrics.jsonl")
         self._closed = False
         self._tb: Any = None
         self._wandb_run: Any = None
+        self._jsonl: Any = None
+        if not enabled:
+            return
+        os.makedirs(self.workdir, exist_ok=True)
         # Append: a resumed run keeps its earlier history in the same file.
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
         try:
@@ -130,6 +136,8 @@ class MetricWriter:
         clash = [k for k in _RESERVED if k in scalars]
         if clash:
             raise ValueError(f"scalar names {clash} are reserved in metrics.jsonl")
+        if self._jsonl is None:  # disabled
+            return
         step = int(step)
         # float() accepts Python numbers, numpy scalars and 0-d jax/numpy arrays alike.
         values = {str(k): float(v) for k, v in scalars.items()}
@@ -146,7 +154,7 @@ class MetricWriter:
 
     def flush(self) -> None:
         """Pushes buffered data to disk (JSON lines and TensorBoard)."""
-        if self._closed:
+        if self._closed or self._jsonl is None:
             return
         self._jsonl.flush()
         if self._tb is not None:
@@ -158,7 +166,8 @@ class MetricWriter:
             return
         self._closed = True
         try:
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
         finally:

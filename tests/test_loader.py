@@ -102,3 +102,9 @@ def test_train_split_across_processes_partitions_the_global_batch():
     ]
     assert len(rows[0]) == len(rows[1]) == 6
     assert sorted(rows[0] + rows[1]) == list(range(12))
+    # Global batch b is process 0's rows then process 1's, in the one-process order.
+    one = [
+        [int(i) for i in b["image"][:, 0, 0, 2]]
+        for b in loader.train_dataset(src, np.ones(4, bool), global_batch=4, epochs=1, seed=0)
+    ]
+    assert [rows[0][2 * b : 2 * b + 2] + rows[1][2 * b : 2 * b + 2] for b in range(3)] == one

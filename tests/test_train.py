@@ -236,6 +236,11 @@ def test_non_finite_loss_stops_and_keeps_only_finite_checkpoints(tmp_path):
         ),
         ("shapes_di.py", "--config.epochs=abc", "--config.epochs=abc: expected int"),
         ("shapes_di.py", "--config.precision=fp8", "unknown precision 'fp8'; valid: ['float32',"),
+        (
+            "shapes_di.py",
+            "--config.distributed.num_processes=2",
+            "num_processes=2 needs config.distributed.coordinator=host:port",
+        ),
         ("shapes_di.py", "--config.progress=maybe", "--config.progress=maybe: expected bool"),
     ],
 )

@@ -130,8 +130,12 @@ def train_dataset(
     ds = ds.random_map(Augment(visible, crop, flip, scale))
     # Drop the global remainder first so that every process gets the same number of batches.
     usable = len(ds) // global_batch * global_batch
-    ds = ds[:usable][process_index::process_count]
-    return ds.batch(global_batch // process_count, drop_remainder=True)
+    # Process i's rows of global batch b are the contiguous block [b*G + i*L, b*G + (i+1)*L):
+    # the global array (process 0's devices first) then holds the rows in the order one
+    # process would see them, so row-order-dependent work (a memory's reservoir) is the same
+    # whatever the process count.
+    local = global_batch // process_count
+    return ds[:usable].batch(local)[process_index::process_count]
 
 
 def eval_batches(
