@@ -9,6 +9,8 @@ end-of-phase save may fall on the same training step as a periodic one.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 from typing import Any
 
@@ -16,31 +18,86 @@ import jax
 import orbax.checkpoint as ocp
 
 
-class Checkpointer:
-    """Saves/restores ``(arrays pytree, meta dict)`` pairs under ``directory``."""
+class _SlowJsonHandler(ocp.JsonCheckpointHandler):
+    """The metadata writer with a delay before it writes: a test's way to have a save in flight
+    when the process is killed (``config.debug.save_delay_s``)."""
 
-    def __init__(self, directory: str, max_to_keep: int = 2):
+    def __init__(self, delay_s: float):
+        super().__init__()
+        self._delay_s = delay_s
+
+    async def _save_fn(self, x, directory):
+        await asyncio.sleep(self._delay_s)
+        await super()._save_fn(x, directory)
+
+
+class Checkpointer:
+    """Saves/restores ``(arrays pytree, meta dict)`` pairs under ``directory``.
+
+    ``save(..., wait=False)`` returns once the arrays are copied off the devices; orbax writes
+    them in a background thread (training goes on) and renames the folder when complete, so a
+    kill mid-write leaves the previous checkpoint as the latest. ``committed()`` lists the saves
+    that have completed since it was last asked. ``delay_s``: tests only (above).
+    """
+
+    def __init__(self, directory: str, max_to_keep: int = 2, delay_s: float = 0.0):
         self._directory = os.path.abspath(directory)
+        registry = None
+        if delay_s:
+            registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+            arrays, meta = ocp.StandardCheckpointHandler(), _SlowJsonHandler(delay_s)
+            for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+                registry.add("arrays", args, arrays)
+            for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+                registry.add("meta", args, meta)
         self._manager = ocp.CheckpointManager(
             os.path.abspath(directory),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-            item_names=("arrays", "meta"),
+            item_names=None if registry else ("arrays", "meta"),
+            handler_registry=registry,
         )
+        self._next = (self.latest() or 0) + 1
+        self._pending: tuple[int, dict] | None = None
+        self._done: list[tuple[int, dict]] = []
 
     def latest(self) -> int | None:
+        """The newest complete checkpoint (one still being written does not count)."""
         return self._manager.latest_step()
 
-    def save(self, arrays: Any, meta: dict) -> int:
-        """Saves a new checkpoint and waits until it is complete on disk."""
-        n = (self.latest() or 0) + 1
+    def save(self, arrays: Any, meta: dict, wait: bool = True) -> int:
+        """Saves a new checkpoint; ``wait``: until it is complete on disk."""
+        # Orbax keeps one save in flight: the previous one completes before this one starts.
+        self.wait()
+        # A copy: the metadata is written in the background while the trainer's dicts move on.
+        meta = json.loads(json.dumps(meta))
+        n, self._next = self._next, self._next + 1
         self._manager.save(
             n,
             args=ocp.args.Composite(
                 arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
             ),
         )
-        self._manager.wait_until_finished()
+        self._pending = (n, meta)
+        if wait:
+            self.wait()
         return n
+
+    def wait(self) -> None:
+        """Blocks until the save in flight (if any) is complete."""
+        self._manager.wait_until_finished()
+        self._settle()
+
+    def committed(self) -> list[tuple[int, dict]]:
+        """``(number, meta)`` of the saves completed since the last call, oldest first."""
+        self._settle()
+        out, self._done = self._done, []
+        return out
+
+    def _settle(self) -> None:
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self._manager.check_for_errors()
+            self._done.append(self._pending)
+            self._pending = None
 
     def restore(self, abstract_arrays: Any) -> tuple[Any, dict]:
         """Restores the latest checkpoint into the structure/shardings of ``abstract_arrays``."""

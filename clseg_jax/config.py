@@ -37,7 +37,12 @@ def base_config() -> ml_collections.ConfigDict:
     """Fields every run has; each config file fills in data, model and strategy."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.data = ml_collections.ConfigDict({"name": "shapes_di", "seed": 0})
+    # workers: grain worker processes reading and augmenting training batches (0: the main
+    # process); device_prefetch: batches put on the devices ahead of the step (2: double
+    # buffering; 0: off). clseg_jax/data/feed.py.
+    c.data = ml_collections.ConfigDict(
+        {"name": "shapes_di", "seed": 0, "workers": 0, "device_prefetch": 2}
+    )
     c.model = ml_collections.ConfigDict(
         {
             "name": "unet",
@@ -99,7 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
     )
     # Strategies run one after another into <workdir>/<name>/ with a comparison table.
     c.compare = ()
-    c.debug = ml_collections.ConfigDict({"kill_at_step": -1})  # fault injection (resume test)
+    # Fault injection for the resume tests: SIGKILL at a global step; a delay before each
+    # checkpoint's metadata is written, so that a save is in flight when the kill comes.
+    c.debug = ml_collections.ConfigDict({"kill_at_step": -1, "save_delay_s": 0.0})
     # XLA executables persist here across runs (the CLI sets it; "" disables): a rerun, a resume
     # or another strategy's run of the same model skips most compilation.
     c.compilation_cache_dir = "~/.cache/clseg_jax/xla"

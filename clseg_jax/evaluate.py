@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from clseg_jax import losses, metrics, sharding, tasks
 from clseg_jax.data import base as data_base
-from clseg_jax.data import loader
+from clseg_jax.data import feed, loader
 from clseg_jax.strategies import base
 
 
@@ -120,15 +120,16 @@ class Evaluator:
         }
 
     def _batches(self, source, visible: np.ndarray):
-        """``source``'s evaluation batches (labels of ``visible`` classes), placed."""
-        for local in loader.eval_batches(
+        """``source``'s evaluation batches (labels of ``visible`` classes), read by grain's
+        threads and placed on the devices ahead of the step."""
+        dataset = loader.eval_batches(
             source,
             visible,
             global_batch=self.batch_size,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
-        ):
-            yield sharding.global_batch(local, self._batch_sharding)
+        )
+        return feed.iterate(dataset, self._batch_sharding, prefetch=2, threads=2)
 
     def compile(self, params, batch_stats, sstate=None) -> None:
         """Compiles ahead of time (so compile time is measured apart from evaluation)."""

@@ -17,13 +17,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 IGNORE = 255
 
 
-def confusion(labels: jnp.ndarray, preds: jnp.ndarray, num_classes: int) -> jnp.ndarray:
+# How ``confusion`` counts, per backend: a scatter-add (bincount) or a one-hot matmul
+# (experiments/bench_confusion.py; docs/scale.md has the numbers). On this CPU bincount won;
+# accelerators run matmuls on their matrix units and serialise scatters.
+CONFUSION_METHODS = ("bincount", "matmul")
+_CONFUSION_BY_BACKEND = {"cpu": "bincount"}
+
+
+def confusion(
+    labels: jnp.ndarray, preds: jnp.ndarray, num_classes: int, method: str = "auto"
+) -> jnp.ndarray:
     """Confusion matrix of one batch.
 
     Args:
@@ -32,15 +42,27 @@ def confusion(labels: jnp.ndarray, preds: jnp.ndarray, num_classes: int) -> jnp.
       preds: ``[B,H,W]`` integer predictions; pixels predicted outside ``[0, num_classes)`` are
         ignored too rather than wrapped into another cell.
       num_classes: ``K`` (static under ``jit``).
+      method: ``"bincount"``, ``"matmul"`` (``[K,N] @ [N,K]`` one-hot counts, exact in float32
+        up to 2^24 pixels per cell and batch) or ``"auto"`` (by backend, above).
 
     Returns:
       ``[K,K]`` int32, rows = ground truth, columns = prediction.
     """
+    if method == "auto":
+        method = _CONFUSION_BY_BACKEND.get(jax.default_backend(), "matmul")
+    if method not in CONFUSION_METHODS:
+        raise ValueError(f"unknown confusion method {method!r}; valid: {list(CONFUSION_METHODS)}")
     k = int(num_classes)
     # Cast before multiplying: uint8 labels times K would overflow in uint8.
     labels = jnp.asarray(labels).astype(jnp.int32).reshape(-1)
     preds = jnp.asarray(preds).astype(jnp.int32).reshape(-1)
     valid = (labels >= 0) & (labels < k) & (preds >= 0) & (preds < k)
+    if method == "matmul":
+        # Out-of-range indices one-hot to all zeros; invalid pixels are zeroed on one side.
+        rows = jax.nn.one_hot(jnp.where(valid, labels, -1), k, dtype=jnp.float32)
+        cols = jax.nn.one_hot(preds, k, dtype=jnp.float32)
+        counts = jnp.einsum("nk,nl->kl", rows, cols, precision=jax.lax.Precision.HIGHEST)
+        return jnp.round(counts).astype(jnp.int32)
     # Invalid pixels still need an in-range index for bincount; their zero weight drops them.
     index = jnp.where(valid, labels * k + preds, 0)
     counts = jnp.bincount(index, weights=valid.astype(jnp.int32), length=k * k)

@@ -27,6 +27,7 @@ from absl import logging
 
 from clseg_jax import checkpoint, compiles, distributed, results, setup, sharding, stopping, writers
 from clseg_jax import step as step_lib
+from clseg_jax.data import feed
 from clseg_jax.strategies import base
 
 
@@ -79,7 +80,10 @@ class _Run:
         os.makedirs(self.workdir, exist_ok=True)
         self.parts = setup.build(config, stop=self._should_stop)
         self.arrays = self.parts.arrays
-        self.ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"))
+        self.ckpt = checkpoint.Checkpointer(
+            os.path.join(self.workdir, "checkpoints"),
+            delay_s=float(config.debug.get("save_delay_s", 0.0)),
+        )
         # Files are process 0's; the others train and save their checkpoint shards.
         self.primary = distributed.is_primary()
         self.writer = writers.MetricWriter(
@@ -173,11 +177,15 @@ class _Run:
             timing["strategy_s"] += time.perf_counter() - t0
 
         dataset = parts.datasets[phase.index]
-        iterator = iter(dataset.to_iter_dataset())
+        iterator = feed.iterate(
+            dataset,
+            sharding.batch_sharding(parts.mesh),
+            workers=int(cfg.data.get("workers", 0)),
+            prefetch=int(cfg.data.get("device_prefetch", 2)),
+        )
         if progress.iterator is not None:
             iterator.set_state(progress.iterator)
         repl = sharding.replicated(parts.mesh)
-        batch_sh = sharding.batch_sharding(parts.mesh)
         mask = jax.device_put(jnp.asarray(phase.class_mask), repl)
         rng = self.arrays["rng"]
         metrics, monitor = step_lib.fresh_accumulators(parts.mesh)
@@ -194,7 +202,7 @@ class _Run:
         s = progress.step_in_phase
         global_step = int(state.step)
         while s < n_steps:
-            batch = sharding.global_batch(next(iterator), batch_sh)
+            batch = next(iterator)  # on the devices already (read ahead by data.feed)
             state, sstate, metrics, monitor = step_fn(
                 state, sstate, metrics, monitor, batch, rng, mask
             )
@@ -205,16 +213,21 @@ class _Run:
             self._should_stop()
             if s % cfg.log_every_steps == 0 or s == n_steps or save_now or self.stop_requested:
                 metrics = self._log(global_step, metrics, monitor, phase, bar, (s, n_steps))
+                self._announce()
             if global_step == cfg.debug.kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume test
             if (save_now or self.stop_requested) and s < n_steps:
                 timing["train_s"] += time.perf_counter() - t_train
                 self.arrays = {"state": state, "sstate": sstate, "rng": rng}
-                self._save(progress._replace(step_in_phase=s, iterator=iterator.get_state()))
+                # Periodic saves go on in the background; a stop waits for its save.
+                meta = progress._replace(step_in_phase=s, iterator=iterator.get_state())
+                self._save(meta, wait=self.stop_requested)
                 t_train = time.perf_counter()
                 if self.stop_requested:
                     bar.close()
+                    iterator.close()
                     return None
+        iterator.close()  # its read-ahead thread (and workers) end with the phase
         jax.block_until_ready(state)
         timing["train_s"] += time.perf_counter() - t_train
         timing["train_steps"] += n_steps - progress.step_in_phase
@@ -252,7 +265,7 @@ class _Run:
         # JAX's own compile events in this phase (hooks, steps, evaluation): 0 after the first.
         timing["compiles_per_phase"].append(self.counter.mark() - compiles_before)
         progress = results.record_phase(progress, phase, ev)
-        self._save(progress)
+        self._save(progress)  # complete before the experience counts as done
         if self.stop_requested:
             return None
         return progress
@@ -282,10 +295,17 @@ class _Run:
             )
         return step_lib.TrainMetrics.empty()
 
-    def _save(self, progress: results.Progress) -> None:
+    def _save(self, progress: results.Progress, wait: bool = True) -> None:
+        """Saves ``self.arrays``; ``wait=False`` returns once they are off the devices.
+        ``checkpoint_s`` counts the time training waited."""
         t0 = time.perf_counter()
-        meta = progress._asdict()
-        n = self.ckpt.save(self.arrays, meta)
+        self.ckpt.save(self.arrays, progress._asdict(), wait=wait)
         progress.timing["checkpoint_s"] += time.perf_counter() - t0
-        if self.hooks.on_checkpoint is not None:
-            self.hooks.on_checkpoint(self.ckpt.directory(n), meta)
+        self._announce()
+
+    def _announce(self) -> None:
+        """``Hooks.on_checkpoint`` for every save that has completed (never for one in flight,
+        which a kill would lose)."""
+        for n, meta in self.ckpt.committed():
+            if self.hooks.on_checkpoint is not None:
+                self.hooks.on_checkpoint(self.ckpt.directory(n), meta)

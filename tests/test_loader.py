@@ -108,3 +108,42 @@ def test_train_split_across_processes_partitions_the_global_batch():
         for b in loader.train_dataset(src, np.ones(4, bool), global_batch=4, epochs=1, seed=0)
     ]
     assert [rows[0][2 * b : 2 * b + 2] + rows[1][2 * b : 2 * b + 2] for b in range(3)] == one
+
+
+def test_workers_and_device_prefetch_feed_the_same_batches_and_resume_where_taken():
+    """``data.feed``: grain worker processes and the read-ahead thread change who reads, not
+    what: the same global batches in the same order; the state after k batches taken (others
+    already read ahead) resumes at batch k."""
+    import jax
+
+    from clseg_jax import sharding
+    from clseg_jax.data import feed
+
+    src = _source(n=24)
+    ds = loader.train_dataset(
+        src, np.ones(4, bool), global_batch=4, epochs=2, seed=3, crop=6, flip=True
+    )
+    placed = sharding.batch_sharding(sharding.make_mesh((("data", -1),)))
+
+    def images(it, k=None):
+        out = []
+        for b in it:
+            assert isinstance(b["image"], jax.Array) and b["image"].sharding == placed
+            out.append(np.asarray(b["image"]))
+            if k is not None and len(out) == k:
+                break
+        return out
+
+    plain = images(feed.iterate(ds, placed, prefetch=0))
+    assert len(plain) == len(ds) == 12
+    for workers, prefetch in ((0, 2), (2, 3)):
+        it = feed.iterate(ds, placed, workers=workers, prefetch=prefetch)
+        head = images(it, k=5)
+        state = it.get_state()
+        rest = images(it)
+        it.close()
+        np.testing.assert_array_equal(np.stack(head + rest), np.stack(plain))
+        again = feed.iterate(ds, placed, workers=workers, prefetch=prefetch)
+        again.set_state(state)
+        np.testing.assert_array_equal(np.stack(images(again)), np.stack(plain[5:]))
+        again.close()

@@ -45,8 +45,9 @@ def test_confusion_hand_example():
     np.testing.assert_array_equal(np.asarray(conf), CONF)
 
 
+@pytest.mark.parametrize("method", ["bincount", "matmul"])
 @pytest.mark.parametrize("dtype", [np.int32, np.uint8])
-def test_confusion_matches_loop_reference(dtype):
+def test_confusion_matches_loop_reference(dtype, method):
     rng = np.random.default_rng(0)
     k = 21  # 20 * 21 > 255: catches uint8 overflow in label * K
     labels = rng.integers(0, k, size=(3, 9, 11))
@@ -54,10 +55,13 @@ def test_confusion_matches_loop_reference(dtype):
     labels[rng.random(labels.shape) < 0.05] = k + 1  # out of range -> ignored as well
     preds = rng.integers(0, k, size=labels.shape)
     labels, preds = labels.astype(dtype), preds.astype(dtype)
-    got = np.asarray(metrics.confusion(jnp.asarray(labels), jnp.asarray(preds), k))
+    preds[0, 0, :3] = k + 2  # predicted out of range: ignored, not wrapped
+    got = np.asarray(metrics.confusion(jnp.asarray(labels), jnp.asarray(preds), k, method))
     want = _confusion_loop(labels.astype(np.int64), preds.astype(np.int64), k)
     np.testing.assert_array_equal(got, want)
-    assert got.sum() == np.sum(labels < k)
+    assert got.sum() == np.sum((labels < k) & (preds < k))
+    with pytest.raises(ValueError, match="unknown confusion method 'scatter'"):
+        metrics.confusion(jnp.asarray(labels), jnp.asarray(preds), k, "scatter")
 
 
 def test_confusion_under_jit():

@@ -119,17 +119,21 @@ def test_rerun_on_finished_workdir_resumes_instead_of_retraining(naive_run):
     assert again["timing"]["train_steps"] == results["timing"]["train_steps"]
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(naive_run, tmp_path):
+@pytest.mark.parametrize("save_delay_s", [0.0, 2.0])
+def test_sigkill_then_resume_equals_uninterrupted_run(naive_run, tmp_path, save_delay_s):
     ref_dir, ref = naive_run
     workdir = str(tmp_path / "killed")
-    # 32 steps per experience; periodic checkpoints every 8 steps within an experience. Killed at
-    # global step 43: after the mid-experience checkpoint at step 40 and 3 un-checkpointed steps.
+    # 32 steps per experience; periodic (asynchronous) checkpoints every 8 steps within an
+    # experience. Killed at global step 43, 3 steps after the periodic save at step 40 began.
+    # With a 2 s delay in the writer that save is still in flight: the rerun starts from the
+    # previous complete one (the end of experience 0, a save that training waits for).
     args = [
         "--config=configs/shapes_di.py:train_per_exp=64",
         f"--workdir={workdir}",
         *TINY_FLAGS,
         "--config.checkpoint_every_steps=8",
         "--config.debug.kill_at_step=43",
+        f"--config.debug.save_delay_s={save_delay_s}",
     ]
     proc = _cli(args)
     _, err = proc.communicate(timeout=300)
@@ -137,7 +141,11 @@ def test_sigkill_then_resume_equals_uninterrupted_run(naive_run, tmp_path):
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     assert max(x["step"] for x in lines) == 43
     _, latest = _read(workdir)
-    assert latest["phase"] == 1 and latest["step_in_phase"] == 8  # mid-experience
+    if save_delay_s:
+        assert (latest["phase"], latest["step_in_phase"]) == (1, 0)
+        assert any(".orbax-checkpoint-tmp" in p for p in os.listdir(f"{workdir}/checkpoints"))
+    else:  # a tiny model's save is written in milliseconds, but in the background
+        assert latest["phase"] == 1 and latest["step_in_phase"] in (0, 8)
 
     resumed = train.run(tiny.config(), workdir)
     np.testing.assert_allclose(resumed["accuracy_matrix"], ref["accuracy_matrix"], atol=1e-6)

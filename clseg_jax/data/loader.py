@@ -145,14 +145,19 @@ def eval_batches(
     global_batch: int,
     process_index: int = 0,
     process_count: int = 1,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Every example once, in order, as this process's rows of fixed-size padded batches."""
+) -> grain.MapDataset:
+    """Every example once, in order, as this process's rows of fixed-size padded batches (a
+    grain dataset: batches are read by grain's threads, ``data.feed``)."""
     local = global_batch // process_count
     n = len(source)
-    for start in range(0, n, global_batch):
-        idx = range(start + process_index * local, min(start + (process_index + 1) * local, n))
-        rows = [source[i] for i in idx]
-        yield pad_batch(rows, local, visible, like=source[0])
+    like = source[0]
+
+    def batch(b: int) -> dict[str, np.ndarray]:
+        start = b * global_batch + process_index * local
+        rows = [source[i] for i in range(start, min(start + local, n))]
+        return pad_batch(rows, local, visible, like=like)
+
+    return grain.MapDataset.range(-(-n // global_batch)).map(batch)
 
 
 def pad_batch(rows: list[dict], size: int, visible: np.ndarray, like: dict) -> dict:
