@@ -27,7 +27,14 @@ def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
     workdir = _WORKDIR.value
-    distributed.initialize(config)  # before anything asks JAX for its devices
+    stop_watchdog = distributed.initialize(config)  # before anything asks JAX for its devices
+    try:
+        _run(config, workdir)
+    finally:
+        stop_watchdog()
+
+
+def _run(config, workdir: str) -> None:
     cache = config.get("compilation_cache_dir")
     if cache and not jax.config.jax_compilation_cache_dir:  # an explicit JAX setting wins
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
@@ -133,21 +140,8 @@ def run() -> None:
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
             raise
-        _lost_peer(e)
-
-
-def _lost_peer(e: Exception) -> None:
-    """A collective of a multi-process run failed: almost always another process died. One
-    line, then exit at once: JAX's shutdown would wait for the dead peer's heartbeat and abort
-    with a C++ stack trace."""
-    first = str(e).strip().splitlines()[0][:300]
-    sys.stderr.write(
-        f"error: process {jax.process_index()} of {jax.process_count()}: a collective failed, "
-        f"most likely another process died ({first}); rerun the same command on every process "
-        "to resume from the last checkpoint\n"
-    )
-    sys.stderr.flush()
-    os._exit(1)
+        first = str(e).strip().splitlines()[0][:300]
+        distributed.lost_peer(f"a collective failed ({first})")
 
 
 if __name__ == "__main__":

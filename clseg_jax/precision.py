@@ -62,5 +62,6 @@ def model_config(
 def describe(config: ml_collections.ConfigDict) -> dict[str, str]:
     """``{"policy": config.precision, "compute": <dtype the model computes in>}`` for results."""
     policy = str(config.get("precision", "float32"))
-    model = model_config(config.model, policy)
-    return {"policy": policy, "compute": str(model.kwargs.dtype or "float32")}
+    model = config.get("model", None)
+    given = model.get("kwargs", {}).get("dtype", None) if model is not None else None
+    return {"policy": policy, "compute": str(given or compute_dtype(policy))}

@@ -100,7 +100,9 @@ def make_forward(graphdef: nnx.GraphDef, input_norm: str = "symmetric") -> base.
 
 
 def _to_float32(x: jax.Array) -> jax.Array:
-    return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    """bf16 / f16 up to float32; float32 and float64 (the x64 math tests) as they are."""
+    low = jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32
+    return x.astype(jnp.float32) if low else x
 
 
 class PhaseLRState(NamedTuple):
