@@ -13,7 +13,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 
 import jax
@@ -21,8 +20,8 @@ import numpy as np
 import pytest
 
 from clseg_jax import checkpoint
+from tests import tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 4  # global device count of every run here
 COMMON = [
     "--config.progress=False",
@@ -73,12 +72,8 @@ def _launch(flags, workdir, n: int, extra=None) -> list[subprocess.Popen]:
     """``n`` processes of ``python -m clseg_jax.main`` with ``DEVICES // n`` CPU devices each;
     ``extra[i]``: more flags for process ``i``."""
     port, procs = _free_port(), []
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES // n}"}
     for i in range(n):
-        env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES // n}",
-        }
         dist = []
         if n > 1:
             dist = [
@@ -87,16 +82,7 @@ def _launch(flags, workdir, n: int, extra=None) -> list[subprocess.Popen]:
                 f"--config.distributed.process_id={i}",
             ]
         args = [*flags, *dist, *(extra or {}).get(i, []), f"--workdir={workdir}"]
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "clseg_jax.main", *args],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
+        procs.append(tiny.cli(args, env))
     return procs
 
 

@@ -6,8 +6,6 @@ import importlib.util
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -17,7 +15,6 @@ import pytest
 from clseg_jax import checkpoint, train
 from tests import tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = [
     "--config.data.image_size=32",
     "--config.data.test_per_exp=16",
@@ -31,17 +28,7 @@ TINY_FLAGS = [
 ]
 
 
-def _cli(args, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "clseg_jax.main", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kw,
-    )
+_cli = tiny.cli
 
 
 def _read(workdir, step=None):

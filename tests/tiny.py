@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -16,6 +19,21 @@ from clseg_jax import step as step_lib
 from clseg_jax.data import phases as phases_lib
 from clseg_jax.models import unet
 from configs import shapes_di
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``python -m clseg_jax.main *args`` from the repository root, unbuffered, pipes for
+    stdout/stderr (text); ``env``: variables set on top of this process's."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "clseg_jax.main", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def config(**overrides) -> ml_collections.ConfigDict:
