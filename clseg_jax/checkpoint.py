@@ -42,18 +42,16 @@ class Checkpointer:
 
     def __init__(self, directory: str, max_to_keep: int = 2, delay_s: float = 0.0):
         self._directory = os.path.abspath(directory)
-        registry = None
-        if delay_s:
-            registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-            arrays, meta = ocp.StandardCheckpointHandler(), _SlowJsonHandler(delay_s)
-            for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
-                registry.add("arrays", args, arrays)
-            for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
-                registry.add("meta", args, meta)
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        arrays = ocp.StandardCheckpointHandler()
+        meta = _SlowJsonHandler(delay_s) if delay_s else ocp.JsonCheckpointHandler()
+        for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+            registry.add("arrays", args, arrays)
+        for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+            registry.add("meta", args, meta)
         self._manager = ocp.CheckpointManager(
             os.path.abspath(directory),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-            item_names=None if registry else ("arrays", "meta"),
             handler_registry=registry,
         )
         self._next = (self.latest() or 0) + 1

@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clseg_jax import metrics
+from experiments.bench_step import environment
 
 SHAPES = {"W1": ((8, 64, 64), 5), "W3": ((8, 512, 512), 21), "ADE": ((8, 512, 512), 151)}
 
@@ -71,9 +72,8 @@ def main() -> None:
         }
         print(f"{name}: " + ", ".join(f"{m} {1e3 * v:.2f} ms" for m, v in med.items()))
     out = {
+        **environment(),
         "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "jax": jax.__version__,
         "rounds": args.rounds,
         "reps": args.reps,
         "rows": rows,
