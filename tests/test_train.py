@@ -157,6 +157,17 @@ def test_sigterm_saves_then_exits_cleanly(tmp_path):
     assert "rerun the same command to resume" in out
     _, meta = _read(workdir)
     assert meta["phase"] < 4 and not os.path.exists(os.path.join(workdir, "results.json"))
+    # The stop's save is waited for, so this checkpoint is where the run stopped, mid-experience
+    # on any machine (the SIGKILL test's periodic saves are asynchronous): the resume from it,
+    # read-ahead iterator state included, ends where an uninterrupted run does.
+    assert 0 < meta["step_in_phase"] < 128, meta["step_in_phase"]
+    cfg = tiny.config(**{"data.train_per_exp": 256})
+    resumed = train.run(cfg, workdir)
+    ref = train.run(cfg, str(tmp_path / "ref"))
+    np.testing.assert_allclose(resumed["accuracy_matrix"], ref["accuracy_matrix"], atol=1e-6)
+    a, b = _read(str(tmp_path / "ref"))[0], _read(workdir)[0]
+    for x, y in zip(jax.tree.leaves(a["state"]), jax.tree.leaves(b["state"]), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
 
 
 def test_sigterm_during_a_synthesis_stops_within_seconds_and_resumes(tmp_path):
