@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from clseg_jax import distributed, models, strategies
+from clseg_jax import distributed, members, models, strategies
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -96,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sharding = ml_collections.ConfigDict({"mesh": (("data", -1),), "param_rules": ()})
     # Several processes (TPU VM workers, SLURM, hand launches): clseg_jax/distributed.py.
     c.distributed = distributed.fields()
+    # N members (seeds x a hyperparameter grid) trained as one compiled program:
+    # clseg_jax/members.py, docs/ensembles.md.
+    c.ensemble = members.fields()
     c.log_every_steps = 20
     c.checkpoint_every_steps = 0  # 0: only at the end of each experience
     c.progress = True

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from clseg_jax import losses, metrics, sharding, tasks
+from clseg_jax import members as members_lib
 from clseg_jax.data import base as data_base
 from clseg_jax.data import feed, loader
 from clseg_jax.strategies import base
@@ -78,6 +79,10 @@ class Evaluator:
       predict: the strategy's evaluation rule (``Strategy.predict``), or None for the argmax of
         the logits; with one, pass the strategy state as ``sstate`` to ``compile`` / ``row`` /
         ``row_task_il`` / ``evaluate``.
+      members: 0 for one model; N for an ensemble's N members, whose parameters and strategy
+        states carry a leading members axis: every statistic then does too (``[N,K,K]``,
+        ``[N,K]``; ``overall`` a list of N), each test batch read once for all of them.
+      chunk: members evaluated side by side at a time (``members.vectorize``).
     """
 
     def __init__(
@@ -88,14 +93,20 @@ class Evaluator:
         batch_size: int,
         task: tasks.Task = tasks.SEGMENTATION,
         predict: base.Predict | None = None,
+        members: int = 0,
+        chunk: int = 1,
     ):
         self.stream = stream
+        self.members = members
+        self.chunk = chunk
         self.predict = predict
         self.task = task
         self.mesh = mesh
         self.batch_size = batch_size
         self._batch_sharding = sharding.batch_sharding(mesh)
         self._repl = sharding.replicated(mesh)
+        # Where a statistic (and the strategy state) of every member lives.
+        self._stat = members_lib.sharded(self._repl) if members else self._repl
         self._compiled = None
 
     def _sstate(self, sstate):
@@ -108,7 +119,7 @@ class Evaluator:
             return ()
         if sstate is None:
             raise ValueError("this Evaluator scores with a strategy's predict: pass its sstate")
-        return jax.device_put(sstate, self._repl)
+        return jax.device_put(sstate, self._stat)
 
     def _batch_struct(self) -> dict[str, jax.ShapeDtypeStruct]:
         x = self.stream.experiences[0].test[0]
@@ -165,8 +176,12 @@ class Evaluator:
 
     def score(self, stat: np.ndarray, experience: int) -> float:
         """The accuracy-matrix entry of one statistic (``Task.score``): mIoU, accuracy, or the
-        mean AP over the experience's own classes (multi-label)."""
-        return self.task.score(stat, self.stream.experiences[experience].classes)
+        mean AP over the experience's own classes (multi-label); an ensemble's mean over its
+        members."""
+        classes = self.stream.experiences[experience].classes
+        if self.members:
+            return float(np.mean([self.task.score(s, classes) for s in stat]))
+        return self.task.score(stat, classes)
 
     def after_phase(
         self, params, batch_stats, sstate, phase: base.Phase, task_il: bool = False
@@ -194,20 +209,33 @@ class ConfusionEvaluator(Evaluator):
     """``[K,K]`` confusion per test set, added up on device batch by batch (segmentation,
     classification)."""
 
-    def __init__(self, forward, stream, mesh, batch_size, task=tasks.SEGMENTATION, predict=None):
-        super().__init__(forward, stream, mesh, batch_size, task, predict)
-        self._step = jax.jit(
-            make_eval_step(forward, stream.num_classes, predict),
-            out_shardings=self._repl,
-            donate_argnums=(2,),
-        )
+    def __init__(
+        self,
+        forward,
+        stream,
+        mesh,
+        batch_size,
+        task=tasks.SEGMENTATION,
+        predict=None,
+        members: int = 0,
+        chunk: int = 1,
+    ):
+        super().__init__(forward, stream, mesh, batch_size, task, predict, members, chunk)
+        step = make_eval_step(forward, stream.num_classes, predict)
+        if members:
+            step = members_lib.vectorize(step, (0, 0, 0, None, None, 0), members, chunk, mesh)
+        self._step = jax.jit(step, out_shardings=self._stat, donate_argnums=(2,))
+
+    def _conf_shape(self) -> tuple[int, ...]:
+        k = self.stream.num_classes
+        return (self.members, k, k) if self.members else (k, k)
 
     def compile(self, params, batch_stats, sstate=None) -> None:
         k = self.stream.num_classes
-        conf = jax.ShapeDtypeStruct((k, k), jnp.int32, sharding=self._repl)
+        conf = jax.ShapeDtypeStruct(self._conf_shape(), jnp.int32, sharding=self._stat)
         mask = jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=self._repl)
         st = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._repl),
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._stat),
             self._sstate(sstate),
         )
         batch = self._batch_struct()
@@ -242,8 +270,7 @@ class ConfusionEvaluator(Evaluator):
         if self._compiled is None:
             self.compile(params, batch_stats, sstate)
         st = self._sstate(sstate)
-        k = self.stream.num_classes
-        conf = jax.device_put(jnp.zeros((k, k), jnp.int32), self._repl)
+        conf = jax.device_put(jnp.zeros(self._conf_shape(), jnp.int32), self._stat)
         mask = jax.device_put(jnp.asarray(class_mask), self._repl)
         for batch in self._batches(source, visible):
             conf = self._compiled(params, batch_stats, conf, batch, mask, st)
@@ -255,16 +282,34 @@ class APEvaluator(Evaluator):
     until the set ends (multi-label); the overall score is the mAP over the seen classes on the
     seen tasks' images."""
 
-    def __init__(self, forward, stream, mesh, batch_size, task=tasks.MULTILABEL, predict=None):
+    def __init__(
+        self,
+        forward,
+        stream,
+        mesh,
+        batch_size,
+        task=tasks.MULTILABEL,
+        predict=None,
+        members: int = 0,
+        chunk: int = 1,
+    ):
         if predict is not None:
             raise ValueError(
                 f"a strategy's predict needs a segmentation or classification task, not {task.name}"
             )
-        super().__init__(forward, stream, mesh, batch_size, task, predict)
+        super().__init__(forward, stream, mesh, batch_size, task, predict, members, chunk)
+        # An ensemble's members are scored one after another by this one program: the
+        # average precisions are host work per member anyway.
         self._step = jax.jit(make_score_step(forward), out_shardings=self._repl)
 
     def compile(self, params, batch_stats, sstate=None) -> None:
         del sstate
+        if self.members:
+            params, batch_stats = _member((params, batch_stats), 0)
+        self._compile_one(params, batch_stats)
+
+    def _compile_one(self, params, batch_stats) -> None:
+        """Compiles for one model's parameters (one member's, in an ensemble)."""
         self._compiled = self._step.lower(params, batch_stats, self._batch_struct()).compile()
 
     def evaluate(
@@ -273,17 +318,29 @@ class APEvaluator(Evaluator):
         """``[K]`` AP of each class on an experience's test set (full labels; NaN where a class
         has no positive); the class mask plays no part in a ranking score."""
         del class_mask, sstate
+        if self.members:
+            return np.stack(
+                [
+                    self.average_precisions(*_member((params, batch_stats), m), experience)
+                    for m in range(self.members)
+                ]
+            )
         return self.average_precisions(params, batch_stats, experience)
 
-    def overall(self, params, batch_stats, phase: base.Phase) -> float:
-        upto = max(phase.experiences)
-        return self.overall_map(params, batch_stats, range(upto + 1), phase.seen_classes)
+    def overall(self, params, batch_stats, phase: base.Phase) -> float | list[float]:
+        seen = range(max(phase.experiences) + 1)
+        if self.members:
+            return [
+                self.overall_map(*_member((params, batch_stats), m), seen, phase.seen_classes)
+                for m in range(self.members)
+            ]
+        return self.overall_map(params, batch_stats, seen, phase.seen_classes)
 
     def _scores(self, params, batch_stats, experience: int):
         """Scores, labels and image fingerprints of an experience's test set (padding dropped);
         on device until the set ends: one host read."""
         if self._compiled is None:
-            self.compile(params, batch_stats)
+            self._compile_one(params, batch_stats)
         everything = np.ones(self.stream.num_classes, bool)
         out = [
             self._compiled(params, batch_stats, batch)
@@ -309,6 +366,11 @@ class APEvaluator(Evaluator):
         return metrics.nanmean(ap[list(classes)])
 
 
+def _member(tree, m: int):
+    """Member ``m``'s slice of an ensemble's arrays."""
+    return jax.tree.map(lambda a: a[m], tree)
+
+
 EVALUATORS: dict[str, type[Evaluator]] = {"confusion": ConfusionEvaluator, "ap": APEvaluator}
 
 
@@ -319,9 +381,13 @@ def make(
     batch_size: int,
     task: tasks.Task = tasks.SEGMENTATION,
     predict: base.Predict | None = None,
+    members: int = 0,
+    chunk: int = 1,
 ) -> Evaluator:
     """The evaluator of ``task``'s statistic (``Task.statistic``)."""
-    return EVALUATORS[task.statistic](forward, stream, mesh, batch_size, task, predict)
+    return EVALUATORS[task.statistic](
+        forward, stream, mesh, batch_size, task, predict, members, chunk
+    )
 
 
 class PhaseEval(NamedTuple):

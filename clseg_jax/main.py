@@ -55,7 +55,10 @@ def _run(config, workdir: str) -> None:
         if not results:
             return _stopped(workdir)
         if distributed.is_primary():
-            print(report.comparison_table({config.strategy.name: results}))
+            if "ensemble" in results:
+                print(report.ensemble_table(results))
+            else:
+                print(report.comparison_table({config.strategy.name: results}))
             print(f"results: {os.path.abspath(workdir)}/results.json and *.png")
 
 

@@ -265,7 +265,12 @@ def comparison_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
                 _fmt(steps_per_s, ".2f"),
             ]
         )
-    widths = [max(len(r[c]) for r in table) for c in range(len(header))]
+    return _text_table(table)
+
+
+def _text_table(table: list[list[str]]) -> str:
+    """Header, rule, rows; the first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]))]
 
     def line(cells: list[str]) -> str:
         first = cells[0].ljust(widths[0])
@@ -273,4 +278,36 @@ def comparison_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
         return "  ".join([first, *rest]).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(r) for r in table[1:])])
+    return "\n".join([line(table[0]), rule, *(line(r) for r in table[1:])])
+
+
+ENSEMBLE_KEYS = ("forgetting", "bwt", "fwt")
+
+
+def ensemble_table(results: Mapping[str, Any]) -> str:
+    """An ensemble's results (``ensemble.summarize``) as text: one line per member, the mean +-
+    std over all of them, and for a sweep one line per swept point (mean +- std over its
+    seeds)."""
+    avg = f"avg_{results.get('metric', 'miou')}"
+    keys = (avg, *ENSEMBLE_KEYS)
+    ens = results["ensemble"]
+
+    def values(v: Mapping[str, Any]) -> str:
+        return ", ".join(f"{k.split('.')[-1]}={x:g}" for k, x in v.items())
+
+    table = [["member", *keys]]
+    for m in results["members"]:
+        label = f"{m['index']}: seed {m['seed']}" + (
+            f", {values(m['values'])}" if m["values"] else ""
+        )
+        table.append([label, *(_fmt(m.get(k), ".4f") for k in keys)])
+    pm = lambda mean, std, k: f"{_fmt(mean.get(k), '.4f')} +- {_fmt(std.get(k), '.4f')}"
+    table.append(["mean +- std", *(pm(ens["mean"], ens["std"], k) for k in keys)])
+    out = _text_table(table)
+    if ens["sweep"]:
+        points = [["swept point", "seeds", *keys]]
+        for p in ens["points"]:
+            seeds = ",".join(str(s) for s in p["seeds"])
+            points.append([values(p["values"]), seeds, *(pm(p["mean"], p["std"], k) for k in keys)])
+        out += "\n\n" + _text_table(points)
+    return out

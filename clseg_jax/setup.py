@@ -20,7 +20,18 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from clseg_jax import data, evaluate, models, precision, sharding, stopping, strategies, tasks
+from clseg_jax import (
+    data,
+    evaluate,
+    members,
+    models,
+    precision,
+    results,
+    sharding,
+    stopping,
+    strategies,
+    tasks,
+)
 from clseg_jax import step as step_lib
 from clseg_jax.data import base as data_base
 from clseg_jax.data import phases as phases_lib
@@ -76,6 +87,7 @@ def validate_names(config: ml_collections.ConfigDict) -> None:
     if config.model.name not in models.MODELS:
         raise ValueError(f"unknown model {config.model.name!r}; valid: {sorted(models.MODELS)}")
     precision.check(config.get("precision", "float32"))
+    members.make(config)  # the ensemble's fields (one-line errors)
 
 
 def init_model(
@@ -278,3 +290,29 @@ def end_phase(parts: Parts, state: step_lib.TrainState, sstate, phase: base.Phas
     """The strategy's ``after_phase``, its state placed where the compiled step expects it."""
     sstate = parts.strategy.after_phase(state.params, state.batch_stats, sstate, phase)
     return jax.device_put(sstate, parts.shardings["sstate"])
+
+
+# The rest of the room functions ``train.run`` calls; ``clseg_jax/ensemble.py`` has an
+# ensemble's.
+
+
+def feed_sharding(parts: Parts):
+    """Where a training batch goes: split over the data axis."""
+    return sharding.batch_sharding(parts.mesh)
+
+
+def fresh_accumulators(parts: Parts):
+    """Empty train metrics and monitor, placed as the step returns them."""
+    return step_lib.fresh_accumulators(parts.mesh)
+
+
+def summarize(parts: Parts, progress: results.Progress, compile_count: int) -> dict:
+    """The results dict of a finished run (``results.summarize``)."""
+    return results.summarize(
+        progress,
+        config=parts.config,
+        stream=parts.stream,
+        phases=parts.phases,
+        task=parts.task,
+        compile_count=compile_count,
+    )

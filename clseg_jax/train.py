@@ -6,7 +6,9 @@ evaluation of *every* experience's test set (one row of the accuracy matrix R) a
 checkpoint. Checkpoints also fall every ``checkpoint_every_steps`` steps and on SIGTERM; re-running
 the same command on the same workdir resumes where the last one stopped.
 
-The parts of a run come from ``setup.build``; results.json from ``results.summarize``.
+The parts of a run come from ``setup.build`` (``ensemble.build`` for an ensemble's N members,
+``config.ensemble``), and so do the functions that differ between the two (the module is the
+run's ``room``); results.json from ``results.summarize``.
 """
 
 from __future__ import annotations
@@ -25,8 +27,18 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from clseg_jax import checkpoint, compiles, distributed, results, setup, sharding, stopping, writers
-from clseg_jax import step as step_lib
+from clseg_jax import (
+    checkpoint,
+    compiles,
+    distributed,
+    ensemble,
+    members,
+    results,
+    setup,
+    sharding,
+    stopping,
+    writers,
+)
 from clseg_jax.data import feed
 from clseg_jax.strategies import base
 
@@ -78,7 +90,8 @@ class _Run:
         self.counter = counter
         self.stop_requested = False
         os.makedirs(self.workdir, exist_ok=True)
-        self.parts = setup.build(config, stop=self._should_stop)
+        self.room = ensemble if members.enabled(config) else setup
+        self.parts = self.room.build(config, stop=self._should_stop)
         self.arrays = self.parts.arrays
         self.ckpt = checkpoint.Checkpointer(
             os.path.join(self.workdir, "checkpoints"),
@@ -134,7 +147,7 @@ class _Run:
         timing = progress.timing
 
         t0 = time.perf_counter()
-        step_fn = setup.compile_step(parts)
+        step_fn = self.room.compile_step(parts)
         state = self.arrays["state"]
         parts.evaluator.compile(state.params, state.batch_stats, self.arrays["sstate"])
         timing["compile_s"] += time.perf_counter() - t0
@@ -151,14 +164,7 @@ class _Run:
             progress = self._train_phase(phase, progress, step_fn)
             if progress is None:  # stopped by SIGTERM after saving
                 return {}
-        out = results.summarize(
-            progress,
-            config=self.config,
-            stream=parts.stream,
-            phases=parts.phases,
-            task=parts.task,
-            compile_count=self.counter.count,
-        )
+        out = self.room.summarize(parts, progress, self.counter.count)
         if self.primary:
             results.write(self.workdir, out)
         return out
@@ -172,14 +178,14 @@ class _Run:
         state, sstate = self.arrays["state"], self.arrays["sstate"]
         if progress.step_in_phase == 0:
             t0 = time.perf_counter()
-            state, sstate = setup.begin_phase(parts, state, sstate, phase)
+            state, sstate = self.room.begin_phase(parts, state, sstate, phase)
             jax.block_until_ready((state, sstate))
             timing["strategy_s"] += time.perf_counter() - t0
 
         dataset = parts.datasets[phase.index]
         iterator = feed.iterate(
             dataset,
-            sharding.batch_sharding(parts.mesh),
+            self.room.feed_sharding(parts),
             workers=int(cfg.data.get("workers", 0)),
             prefetch=int(cfg.data.get("device_prefetch", 2)),
         )
@@ -188,7 +194,7 @@ class _Run:
         repl = sharding.replicated(parts.mesh)
         mask = jax.device_put(jnp.asarray(phase.class_mask), repl)
         rng = self.arrays["rng"]
-        metrics, monitor = step_lib.fresh_accumulators(parts.mesh)
+        metrics, monitor = self.room.fresh_accumulators(parts)
         n_steps = len(dataset)
         bar = tqdm.tqdm(
             total=n_steps,
@@ -200,7 +206,7 @@ class _Run:
         )
         t_train = time.perf_counter()
         s = progress.step_in_phase
-        global_step = int(state.step)
+        global_step = int(np.max(state.step))  # an ensemble's members are in step
         while s < n_steps:
             batch = next(iterator)  # on the devices already (read ahead by data.feed)
             state, sstate, metrics, monitor = step_fn(
@@ -235,7 +241,7 @@ class _Run:
 
         t0 = time.perf_counter()
         try:
-            sstate = setup.end_phase(parts, state, sstate, phase)
+            sstate = self.room.end_phase(parts, state, sstate, phase)
         except stopping.Stopped as e:
             # The state the training ended with: a resumed run redoes every end-of-phase hook.
             logging.warning("%s: saving a checkpoint at the end of the phase's steps", e)
@@ -272,12 +278,30 @@ class _Run:
 
     def _log(self, global_step, metrics, monitor, phase, bar, where):
         """Reads the device metrics (the only host sync of the loop), checks them, resets."""
-        values = {k: float(v) for k, v in metrics.compute().items()}
-        bad = int(monitor.first_bad_step)
-        if bad >= 0 or not all(np.isfinite(v) for v in values.values()):
+        host = jax.device_get(metrics)
+        # clu computes one collection at a time: an ensemble's, member by member.
+        rows = (
+            [host]
+            if self.room is setup
+            else [ensemble.member(host, m) for m in range(len(self.parts.members))]
+        )
+        computed = [r.compute() for r in rows]
+        per_member = {k: np.array([float(c[k]) for c in computed]) for k in computed[0]}
+        values = {k: float(np.mean(v)) for k, v in per_member.items()}  # an ensemble's mean
+        firsts = np.asarray(monitor.first_bad_step).reshape(-1)
+        losses = per_member["loss"].reshape(-1)
+        sick = np.flatnonzero((firsts >= 0) | ~np.isfinite(losses))
+        if sick.size:
+            bad = int(firsts[sick[0]]) if firsts[sick[0]] >= 0 else global_step
+            who = ""
+            if firsts.size > 1:
+                m = self.parts.members[sick[0]]
+                who = f"ensemble member {m.index}: seed {m.seed} {m.values or ''}, ".replace(
+                    " ,", ","
+                )
             raise NonFiniteLossError(
-                f"non-finite loss or parameters at step {bad if bad >= 0 else global_step} "
-                f"(phase {phase.index}, experience(s) {list(phase.experiences)}); "
+                f"non-finite loss or parameters at step {bad} ({who}"
+                f"phase {phase.index}, experience(s) {list(phase.experiences)}); "
                 f"stopped without saving; last good checkpoint: "
                 f"{self.ckpt.latest() or 'none'} in {self.workdir}/checkpoints"
             )
@@ -293,7 +317,7 @@ class _Run:
                     **values,
                 }
             )
-        return step_lib.TrainMetrics.empty()
+        return self.room.fresh_accumulators(self.parts)[0]
 
     def _save(self, progress: results.Progress, wait: bool = True) -> None:
         """Saves ``self.arrays``; ``wait=False`` returns once they are off the devices.

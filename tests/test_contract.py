@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from clseg_jax import checkpoint, data, setup, strategies
+from clseg_jax import checkpoint, data, ensemble, members, setup, strategies
 from clseg_jax.data import phases as phases_lib
 from configs import multilabel_digits, split_digits
 from tests import tiny
@@ -77,6 +77,10 @@ def _contract(name, setups, tmp_path, policy: str) -> None:
         cfg.strategy.di_replay_batch = 4
     cfg.batch_size, cfg.epochs = 8, 1
     parts = setup.build(cfg, stream=stream)
+    if policy == "float32":
+        # What docs/ensembles.md says cannot be swept is what tracing finds.
+        owned = set(members.float_fields(cfg)) & set(members.UNSWEEPABLE)
+        assert set(ensemble.untraceable(parts)) == owned, name
     sig = tiny.signature(parts.arrays["sstate"])
     # Drive three experiences one by one whatever the strategy's own schedule.
     driven = tiny.drive(parts, phases_lib.make(stream, ((0,), (1,), (2,))), evaluate=False)

@@ -1,4 +1,5 @@
-"""Data parallelism over 8 (fake CPU) devices equals the 1-device run, compiled once.
+"""Data parallelism over 8 (fake CPU) devices equals the 1-device run, compiled once; so does
+an ensemble's member with the members axis split over devices too.
 
 Runs in a subprocess because the device count is fixed when JAX starts.
 """
@@ -17,7 +18,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys
     import jax, numpy as np
-    from clseg_jax import setup, sharding, train
+    from clseg_jax import ensemble, setup, sharding, train
     from tests import tiny
 
     # A short run (2 experiences x 4 steps): float reductions over 8 shards add up in another
@@ -42,6 +43,18 @@ SCRIPT = textwrap.dedent(
             "losses": [l["train/loss"] for l in lines if "train/loss" in l],
             "compiles_per_phase": res["timing"]["compiles_per_phase"],
         }
+    # An ensemble of 2 members, its members axis split over 2 devices and each member's batch
+    # over 4: member 0 is the "one" run above.
+    c = tiny.config(**SHORT, **{"ensemble.seeds": (0, 1)})
+    c.sharding.mesh = (("member", 2), ("data", -1))
+    res = train.run(c, sys.argv[1] + "/ensemble")
+    parts = ensemble.build(c)
+    kernel = jax.tree.leaves(parts.arrays["state"].params)[0]
+    out["ensemble"] = {
+        "R": [m["accuracy_matrix"] for m in res["members"]],
+        "compiles_per_phase": res["timing"]["compiles_per_phase"],
+        "param_spec": kernel.sharding.spec[0],
+    }
     print("RESULT" + json.dumps(out))
     """
 )
@@ -75,3 +88,10 @@ def test_eight_devices_match_one(tmp_path):
         for a, b in zip(ra, rb, strict=True):
             assert abs(a - b) <= 1e-5 * max(abs(a), 1e-3), (a, b)
     assert eight["compiles_per_phase"][1:] == [0]
+    ens = out["ensemble"]
+    assert ens["param_spec"] == "member", ens["param_spec"]
+    assert ens["compiles_per_phase"][1:] == [0]
+    for ra, rb in zip(one["R"], ens["R"][0], strict=True):
+        for a, b in zip(ra, rb, strict=True):
+            assert abs(a - b) <= 1e-5 * max(abs(a), 1e-3), (a, b)
+    assert ens["R"][0] != ens["R"][1]

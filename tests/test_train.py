@@ -248,6 +248,16 @@ def test_non_finite_loss_stops_and_keeps_only_finite_checkpoints(tmp_path):
             "num_processes=2 needs config.distributed.coordinator=host:port",
         ),
         ("shapes_di.py", "--config.progress=maybe", "--config.progress=maybe: expected bool"),
+        (
+            "shapes_di.py:strategy=ewc",
+            "--config.ensemble.sweep={'strategy.ewc_lamda': (1., 10.)}",
+            "no field 'strategy.ewc_lamda'; did you mean 'strategy.ewc_lambda'?",
+        ),
+        (
+            "shapes_di.py:strategy=ewc",
+            "--config.ensemble.sweep={'strategy.ewc_samples': (8, 16)}",
+            "'strategy.ewc_samples' cannot be swept (an integer",
+        ),
     ],
 )
 def test_user_mistakes_give_one_line_errors(config, flag, message, tmp_path):

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import grain
 import ml_collections
 
+from clseg_jax import members
 from clseg_jax.data import base as data_base
 from clseg_jax.data import loader
 from clseg_jax.strategies import base
@@ -62,7 +63,8 @@ def train_dataset(
 ) -> grain.MapDataset:
     """The phase's shuffled, augmented training batches for ``config.epochs`` epochs.
 
-    Seeded by ``config.seed`` and the phase index, so a resumed run sees the same batches.
+    Seeded by the data-order seed (``config.seed`` unless ``config.ensemble.data_order_seed``
+    is set) and the phase index, so a resumed run sees the same batches.
     """
     aug = config.augment
     return loader.train_dataset(
@@ -70,7 +72,7 @@ def train_dataset(
         stream.class_mask(sorted(labelled(stream, phase.experiences))),
         global_batch=config.batch_size,
         epochs=config.epochs,
-        seed=config.seed * 1000 + phase.index,
+        seed=members.order_seed(config) * 1000 + phase.index,
         crop=aug.crop or None,
         flip=aug.flip,
         scale=tuple(aug.scale) if aug.get("scale") else None,

@@ -73,6 +73,11 @@ MODULES: tuple[types.ModuleType, ...] = tuple(
 )
 
 
+def module_of(name: str) -> types.ModuleType:
+    """The module that defines registry name ``name`` (its ``DEFAULTS``, ``HELP``)."""
+    return sys.modules[STRATEGIES[name].__module__]
+
+
 def default_hparams() -> dict[str, Any]:
     """Every strategy's hyperparameters with their defaults (names are prefixed per method)."""
     out: dict[str, Any] = {}

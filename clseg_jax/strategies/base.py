@@ -123,6 +123,13 @@ class Env(NamedTuple):
     stop: Callable[[], bool] = stopping.never
 
 
+def hparam(value: Any) -> float | jax.Array:
+    """A float hyperparameter as a strategy keeps it: a Python float, or, inside an ensemble's
+    step, the member's traced value (``clseg_jax/members.py``), which must then be used only in
+    arithmetic (not in a shape or a Python branch)."""
+    return value if isinstance(value, jax.Array) else float(value)
+
+
 def _init(params, batch_stats):
     del params, batch_stats
     return ()

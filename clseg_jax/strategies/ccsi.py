@@ -378,11 +378,11 @@ def make(
         else:
             synthesize = replay_sources.load_callable(path)
     size, n_fixed = int(get("ccsi_mem_size")), int(get("ccsi_replay_batch"))
-    fraction = float(get("ccsi_replay_fraction"))
-    lam, adapt = float(get("ccsi_lambda")), bool(get("ccsi_adaptive_lambda"))
-    margin, top_k = float(get("ccsi_margin")), int(get("ccsi_top_k"))
-    w_mr, w_idc = float(get("ccsi_margin_weight")), float(get("ccsi_idc_weight"))
-    temperature = float(get("ccsi_idc_temperature"))
+    fraction = base.hparam(get("ccsi_replay_fraction"))
+    lam, adapt = base.hparam(get("ccsi_lambda")), bool(get("ccsi_adaptive_lambda"))
+    margin, top_k = base.hparam(get("ccsi_margin")), int(get("ccsi_top_k"))
+    w_mr, w_idc = base.hparam(get("ccsi_margin_weight")), base.hparam(get("ccsi_idc_weight"))
+    temperature = base.hparam(get("ccsi_idc_temperature"))
     do_imprint, freeze = bool(get("ccsi_imprint")), bool(get("ccsi_freeze_old"))
     balance = bool(get("ccsi_class_weights"))
     if not 0.0 < fraction < 1.0 or n_fixed < 0 or size < 1 or top_k < 1:

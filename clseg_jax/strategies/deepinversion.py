@@ -118,12 +118,12 @@ def synthesis_config(cfg: ml_collections.ConfigDict) -> di.DIConfig:
     iterations = int(cfg.di_iterations)
     return di.DIConfig(
         iterations=iterations,
-        lr=float(cfg.di_lr),
+        lr=base.hparam(cfg.di_lr),
         warmup_iterations=min(100, max(iterations // 20, 1)),
-        bn_scale=float(cfg.di_bn_scale),
-        first_bn_multiplier=float(cfg.di_first_bn_multiplier),
-        tv_l2=float(cfg.di_tv_l2),
-        l2=float(cfg.di_l2),
+        bn_scale=base.hparam(cfg.di_bn_scale),
+        first_bn_multiplier=base.hparam(cfg.di_first_bn_multiplier),
+        tv_l2=base.hparam(cfg.di_tv_l2),
+        l2=base.hparam(cfg.di_l2),
         jitter=int(cfg.di_jitter),
     )
 
@@ -208,14 +208,14 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
             f"deepinversion needs model.input_norm='symmetric', got {env.input_norm!r}"
         )
     dense = env.task.name == "segmentation"
-    mse_weight = float(cfg.di_logit_mse)
+    mse_weight = base.hparam(cfg.di_logit_mse)
     mode = str(cfg.di_loss)
     if mode not in ("auto", "abd", "replay"):
         raise ValueError(f"di_loss must be 'auto', 'abd' or 'replay', got {mode!r}")
     use_abd = mode == "abd" or (mode == "auto" and not dense)
     if use_abd and dense:
         raise ValueError("di_loss='abd' is for classification (it needs one label per image)")
-    kd_weight = float(cfg.di_kd)
+    kd_weight = base.hparam(cfg.di_kd)
     synth_cfg = synthesis_config(cfg)
     teacher = di.make_teacher_fn(env.graphdef)
     k = env.num_classes

@@ -77,7 +77,7 @@ def _logits_fn(forward: base.Forward) -> update.RowFn:
 
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     size, n = int(cfg.der_mem_size), int(cfg.der_batch)
-    alpha, beta = float(cfg.der_alpha), float(cfg.der_beta)
+    alpha, beta = base.hparam(cfg.der_alpha), base.hparam(cfg.der_beta)
     if not 1 <= n <= size:
         raise ValueError(f"der_batch must be in 1..der_mem_size={size}, got {n}")
     row_fn = _logits_fn(env.forward)

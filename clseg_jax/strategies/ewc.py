@@ -102,7 +102,11 @@ def _check(cfg: ml_collections.ConfigDict) -> None:
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     _check(cfg)
     get = lambda key: cfg.get(key, DEFAULTS[key])
-    lam, mode, gamma = float(get("ewc_lambda")), get("ewc_mode"), float(get("ewc_decay"))
+    lam, mode, gamma = (
+        base.hparam(get("ewc_lambda")),
+        get("ewc_mode"),
+        base.hparam(get("ewc_decay")),
+    )
     samples, batch_size = int(get("ewc_samples")), int(get("ewc_batch"))
     sample_fn = importance.sample_log_likelihood(env.forward)
     if get("ewc_fisher") == "empirical":

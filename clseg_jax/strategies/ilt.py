@@ -62,7 +62,7 @@ def feature_distillation(new: jax.Array, old: jax.Array) -> jax.Array:
 
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     get = lambda key: cfg.get(key, DEFAULTS[key])
-    kd_weight, de_weight = float(get("ilt_kd")), float(get("ilt_de"))
+    kd_weight, de_weight = base.hparam(get("ilt_kd")), base.hparam(get("ilt_de"))
     if env.task.name == "multilabel":
         raise ValueError("ilt distils softmax outputs: not for multilabel tasks")
 

@@ -70,7 +70,7 @@ def feature_distance(new: jax.Array, old: jax.Array) -> jax.Array:
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     get = lambda key: cfg.get(key, DEFAULTS[key])
     lam, freeze_head, layer = (
-        float(get("lfl_lambda")),
+        base.hparam(get("lfl_lambda")),
         bool(get("lfl_freeze_head")),
         get("lfl_layer"),
     )

@@ -47,7 +47,7 @@ HELP = {
 
 
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
-    alpha, temperature = float(cfg.lwf_alpha), float(cfg.lwf_temperature)
+    alpha, temperature = base.hparam(cfg.lwf_alpha), base.hparam(cfg.lwf_temperature)
 
     def loss(
         inputs: base.LossInputs, snap: snapshot.Snapshot, key: jax.Array

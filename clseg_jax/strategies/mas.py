@@ -71,7 +71,7 @@ def output_sq_norm(forward: base.Forward) -> importance.SampleFn:
 
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     get = lambda key: cfg.get(key, DEFAULTS[key])
-    lam = float(get("mas_lambda"))
+    lam = base.hparam(get("mas_lambda"))
     samples, batch_size = int(get("mas_samples")), int(get("mas_batch"))
     abs_grad_sum = importance.make_per_sample_sum(output_sq_norm(env.forward), jnp.abs)
 

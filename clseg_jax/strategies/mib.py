@@ -106,7 +106,7 @@ def init_classifier(head: dict[str, jax.Array], new: np.ndarray) -> dict[str, ja
 
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     get = lambda key: cfg.get(key, DEFAULTS[key])
-    kd_weight, alpha = float(get("mib_kd")), float(get("mib_alpha"))
+    kd_weight, alpha = base.hparam(get("mib_kd")), base.hparam(get("mib_alpha"))
     do_init, ce_pixels = bool(get("mib_init")), get("mib_ce_pixels")
     if ce_pixels not in ("valid", "all"):
         raise ValueError(f"mib_ce_pixels must be 'valid' or 'all', got {ce_pixels!r}")

@@ -233,9 +233,12 @@ def histogram_median(hist: np.ndarray) -> np.ndarray:
 
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     get = lambda key: cfg.get(key, DEFAULTS[key])
-    pod_factor, logits_factor = float(get("plop_pod_factor")), float(get("plop_pod_logits_factor"))
+    pod_factor, logits_factor = (
+        base.hparam(get("plop_pod_factor")),
+        base.hparam(get("plop_pod_logits_factor")),
+    )
     use_logits, scales = bool(get("plop_pod_logits")), tuple(int(s) for s in get("plop_pod_scales"))
-    floor, bins = float(get("plop_threshold")), int(get("plop_entropy_bins"))
+    floor, bins = base.hparam(get("plop_threshold")), int(get("plop_entropy_bins"))
     batch_size, do_init = int(get("plop_batch")), bool(get("plop_init"))
     k = env.num_classes
 

@@ -80,7 +80,11 @@ def _scaled(tree: PyTree) -> PyTree:
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     del env
     get = lambda key: cfg.get(key, DEFAULTS[key])
-    lam, alpha, eps = float(get("rwalk_lambda")), float(get("rwalk_alpha")), float(get("rwalk_eps"))
+    lam, alpha, eps = (
+        base.hparam(get("rwalk_lambda")),
+        base.hparam(get("rwalk_alpha")),
+        base.hparam(get("rwalk_eps")),
+    )
 
     def init(params, batch_stats):
         del batch_stats

@@ -110,7 +110,7 @@ def penalty_value(params: PyTree, sstate: SIState, c: float) -> jax.Array:
 
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     del env
-    c, xi = float(cfg.si_c), float(cfg.si_xi)
+    c, xi = base.hparam(cfg.si_c), base.hparam(cfg.si_xi)
     # One program: eagerly, every per-leaf op compiled on its own (~160 compiles, ~10 s on CPU).
     finish = jax.jit(lambda sstate, params: consolidate(sstate, params, xi))
 
