@@ -35,8 +35,6 @@ from clseg_jax import step as step_lib
 from clseg_jax.data import base as data_base
 from clseg_jax.strategies import base
 
-SUMMARY_KEYS = ("avg_{metric}", "forgetting", "bwt", "fwt")
-
 
 class Ensemble(NamedTuple):
     """The parts of an ensemble's run (the fields ``train.run`` reads are ``setup.Parts``').

@@ -19,7 +19,6 @@ Run with nothing else on the machine and say what else ran.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clseg_jax import ensemble, setup
 from configs import shapes_di
-from experiments.bench_step import environment
+from experiments.bench_step import environment, write_json
 
 
 def _config(batch: int, size: int, members: int, chunk: int):
@@ -122,10 +121,7 @@ def main() -> None:
         "rows": rows,
         **environment(),
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,14 @@ def environment() -> dict:
     }
 
 
+def write_json(path: str, out: dict) -> None:
+    """A benchmark's results file (its folder made if needed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    print(f"wrote {path}")
+
+
 def _batch(batch_size: int, size: int):
     rng = np.random.default_rng(0)
     return {
@@ -202,10 +210,8 @@ def main() -> None:
         "config": cfg.to_dict(),
         **environment(),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    print(f"matmul peak {peak:.0f} GFLOP/s; wrote {args.out}")
+    print(f"matmul peak {peak:.0f} GFLOP/s")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":
