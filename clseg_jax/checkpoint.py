@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from clseg_jax import paths
+
 
 class _SlowJsonHandler(ocp.JsonCheckpointHandler):
     """The metadata writer with a delay before it writes: a test's way to have a save in flight
@@ -40,8 +42,8 @@ class Checkpointer:
     that have completed since it was last asked. ``delay_s``: tests only (above).
     """
 
-    def __init__(self, directory: str, max_to_keep: int = 2, delay_s: float = 0.0):
-        self._directory = os.path.abspath(directory)
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2, delay_s: float = 0.0):
+        self._directory = paths.resolve(directory)  # local or gs://
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         arrays = ocp.StandardCheckpointHandler()
         meta = _SlowJsonHandler(delay_s) if delay_s else ocp.JsonCheckpointHandler()
@@ -50,7 +52,7 @@ class Checkpointer:
         for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
             registry.add("meta", args, meta)
         self._manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
+            self._directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
             handler_registry=registry,
         )
@@ -112,7 +114,7 @@ class Checkpointer:
 
     def directory(self, step: int) -> str:
         """The folder of one finished checkpoint (a copy of it restores elsewhere)."""
-        return os.path.join(self._directory, str(step))
+        return str(self._directory / str(step))
 
     def steps(self) -> list[int]:
         return list(self._manager.all_steps())

@@ -16,7 +16,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clseg_jax import distributed, report, train
+from clseg_jax import distributed, paths, report, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and results go.")
@@ -44,12 +44,12 @@ def _run(config, workdir: str) -> None:
         for name in config.compare:
             c = config.copy_and_resolve_references()
             c.strategy.name = name
-            rows[name] = train.run(c, os.path.join(workdir, name))
+            rows[name] = train.run(c, str(paths.resolve(workdir) / name))
             if not rows[name]:
                 return _stopped(workdir)
         if distributed.is_primary():
             print(report.comparison_table(rows))
-            print(f"results: {os.path.abspath(workdir)}/<strategy>/results.json and *.png")
+            print(f"results: {paths.resolve(workdir)}/<strategy>/results.json and *.png")
     else:
         results = train.run(config, workdir)
         if not results:
@@ -59,13 +59,13 @@ def _run(config, workdir: str) -> None:
                 print(report.ensemble_table(results))
             else:
                 print(report.comparison_table({config.strategy.name: results}))
-            print(f"results: {os.path.abspath(workdir)}/results.json and *.png")
+            print(f"results: {paths.resolve(workdir)}/results.json and *.png")
 
 
 def _stopped(workdir: str) -> None:
     """After SIGTERM: the checkpoint is saved; say how to go on."""
     print(
-        f"stopped on SIGTERM after saving a checkpoint in {os.path.abspath(workdir)}; "
+        f"stopped on SIGTERM after saving a checkpoint in {paths.resolve(workdir)}; "
         "rerun the same command to resume"
     )
 

@@ -7,6 +7,7 @@ registry (safe on headless machines and inside long training processes).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -15,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from clseg_jax import paths
 
 _MISSING = "-"
 
@@ -47,10 +50,15 @@ def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> str
     ``os.replace``, so readers (and a crash mid-write) never see a partial file. Numpy scalars and
     arrays become plain JSON values; NaN/inf become ``null`` so the output is strict JSON.
     """
+    text = json.dumps(_to_jsonable(results), indent=2, sort_keys=True, allow_nan=False)
+    if paths.is_url(workdir):  # an object store writes whole objects: no partial file to fear
+        target = paths.resolve(workdir) / "results.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text + "\n")
+        return str(target)
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "results.json")
-    text = json.dumps(_to_jsonable(results), indent=2, sort_keys=True, allow_nan=False)
     fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".results.", suffix=".json.tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -92,12 +100,12 @@ def _new_figure(width: float, height: float) -> Any:
 
 
 def _save(fig: Any, path: str | os.PathLike) -> str:
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120)
-    return path
+    out = paths.resolve(path)  # through epath: the workdir may be gs://
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    out.write_bytes(buffer.getvalue())
+    return os.fspath(path)
 
 
 def _experience_labels(labels: Sequence[str] | None, t: int) -> list[str]:

@@ -9,14 +9,13 @@ segmentation the MiB/PLOP old/new/all mIoU.
 
 from __future__ import annotations
 
-import os
 from typing import Any, NamedTuple
 
 import ml_collections
 import numpy as np
 from absl import logging
 
-from clseg_jax import evaluate, metrics, precision, report, tasks
+from clseg_jax import evaluate, metrics, paths, precision, report, tasks
 from clseg_jax.data import base as data_base
 from clseg_jax.strategies import base
 
@@ -161,8 +160,9 @@ def summarize(
 
 def write(workdir: str, results: dict[str, Any]) -> None:
     """results.json, the accuracy-matrix heatmap and the curves under ``workdir``."""
+    workdir = paths.resolve(workdir)
     report.write_results(workdir, results)
     R, names = results["accuracy_matrix"], results["stream"]["experiences"]
-    report.plot_accuracy_matrix(R, os.path.join(workdir, "accuracy_matrix.png"), labels=names)
-    report.plot_curves(R, os.path.join(workdir, "curves.png"), labels=names)
-    logging.info("results written to %s", os.path.join(workdir, "results.json"))
+    report.plot_accuracy_matrix(R, workdir / "accuracy_matrix.png", labels=names)
+    report.plot_curves(R, workdir / "curves.png", labels=names)
+    logging.info("results written to %s", workdir / "results.json")

@@ -33,6 +33,7 @@ from clseg_jax import (
     distributed,
     ensemble,
     members,
+    paths,
     results,
     setup,
     sharding,
@@ -86,15 +87,15 @@ class _Run:
     def __init__(self, config, workdir, counter: compiles.Counter, hooks: Hooks):
         self.config = config
         self.hooks = hooks
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = paths.resolve(workdir)  # local or gs:// (clseg_jax/paths.py)
         self.counter = counter
         self.stop_requested = False
-        os.makedirs(self.workdir, exist_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.room = ensemble if members.enabled(config) else setup
         self.parts = self.room.build(config, stop=self._should_stop)
         self.arrays = self.parts.arrays
         self.ckpt = checkpoint.Checkpointer(
-            os.path.join(self.workdir, "checkpoints"),
+            self.workdir / "checkpoints",
             delay_s=float(config.debug.get("save_delay_s", 0.0)),
         )
         # Files are process 0's; the others train and save their checkpoint shards.
@@ -104,7 +105,7 @@ class _Run:
             tensorboard=config.log.tensorboard,
             wandb=config.log.wandb,
             wandb_mode=config.log.wandb_mode,
-            run_name=os.path.basename(self.workdir),
+            run_name=self.workdir.name,
             config=config.to_dict(),
             enabled=self.primary,
         )

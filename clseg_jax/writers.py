@@ -18,6 +18,8 @@ from typing import Any
 
 from absl import logging
 
+from clseg_jax import paths
+
 _RESERVED = ("step", "time")
 
 
@@ -58,17 +60,19 @@ class MetricWriter:
         config: Mapping[str, Any] | None = None,
         enabled: bool = True,
     ):
-        self.workdir = os.fspath(workdir)
-        self.jsonl_path = os.path.join(self.workdir, "metrics.jsonl")
+        self.workdir = paths.resolve(workdir)
+        self.jsonl_path = str(self.workdir / "metrics.jsonl")
         self._closed = False
         self._tb: Any = None
         self._wandb_run: Any = None
         self._jsonl: Any = None
         if not enabled:
             return
-        os.makedirs(self.workdir, exist_ok=True)
-        # Append: a resumed run keeps its earlier history in the same file.
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # Append: a resumed run keeps its earlier history in the same file. An object store
+        # cannot append, so there the whole object is rewritten at each flush.
+        path = self.workdir / "metrics.jsonl"
+        self._jsonl = _Rewritten(path) if paths.is_url(path) else path.open("a", encoding="utf-8")
         try:
             if tensorboard:
                 self._tb = self._open_tensorboard()
@@ -88,7 +92,7 @@ class MetricWriter:
                 self.jsonl_path,
             )
             return None
-        return SummaryWriter(logdir=os.path.join(self.workdir, "tb"))
+        return SummaryWriter(logdir=str(self.workdir / "tb"))
 
     def _open_wandb(
         self,
@@ -117,7 +121,7 @@ class MetricWriter:
         )
         return wandb.init(
             project=project,
-            dir=self.workdir,
+            dir=str(self.workdir),
             mode=mode,
             config=dict(config) if config is not None else None,
             name=run_name,
@@ -186,3 +190,21 @@ class MetricWriter:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class _Rewritten:
+    """A text file on an object store (``gs://``) that is appended to by rewriting it whole: the
+    earlier lines (a resumed run's) are read once, each ``flush`` writes everything."""
+
+    def __init__(self, path):
+        self._path = path
+        self._text = path.read_text() if path.exists() else ""
+
+    def write(self, text: str) -> None:
+        self._text += text
+
+    def flush(self) -> None:
+        self._path.write_text(self._text)
+
+    def close(self) -> None:
+        self.flush()

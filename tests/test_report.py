@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from clseg_jax import report, writers
+from clseg_jax import paths, report, writers
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 R3 = [[0.8, 0.1, 0.0], [0.6, 0.7, 0.2], [0.5, 0.6, float("nan")]]
@@ -22,7 +22,7 @@ def _assert_png(path: str) -> None:
         assert f.read(8) == PNG_MAGIC
 
 
-def test_write_results_round_trip(tmp_path):
+def test_write_results_round_trip(tmp_path, store):
     results = {
         "avg_miou": np.float32(0.5),
         "forgetting": float("nan"),
@@ -106,7 +106,16 @@ def _read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
-def test_metric_writer_jsonl_appends(tmp_path):
+@pytest.fixture(params=["file", "object store"])
+def store(request, monkeypatch):
+    """Local files, or the object-store branch (``gs://``: no append, whole-object writes)
+    taken on a local folder: this machine reaches no bucket."""
+    if request.param == "object store":
+        monkeypatch.setattr(paths, "is_url", lambda path: True)
+    return request.param
+
+
+def test_metric_writer_jsonl_appends(tmp_path, store):
     with writers.MetricWriter(tmp_path, tensorboard=False) as w:
         w.write_scalars(1, {"loss": np.float32(0.5), "miou": 0.25})
         w.write_scalars(2, {"loss": float("nan")})
