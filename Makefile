@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= dev,serve,serve-test
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-slow lint bench baselines install clean serve
+.PHONY: demo test test-slow lint bench bench-accel wheels-accel baselines install clean serve
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +46,16 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_step.py --out experiments/results/bench_step.json
+
+# Issue 17: W1-W4 at accelerator presets on a GPU/TPU machine, with that machine's own Python
+# (PY=python3, no venv); what it lacks comes from $(ACCEL_WHEELS), fetched beforehand by
+# `make wheels-accel` on a machine with network (experiments/bench_accel.py).
+ACCEL_WHEELS ?= wheels/accel
+bench-accel:
+	$(PY) experiments/bench_accel.py --wheels $(ACCEL_WHEELS) --out experiments/results/bench_accel.json
+
+wheels-accel:
+	$(PY) experiments/bench_accel.py --download $(ACCEL_WHEELS)
 
 # W2 side by side with PyTorch/Avalanche (experiments/baselines/README.md), in its own venv so that
 # .venv stays the core install. Pass e.g. BASELINES_ARGS="--strategies naive,ewc".
