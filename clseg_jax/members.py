@@ -173,12 +173,6 @@ def make(config: ml_collections.ConfigDict) -> list[Member]:
     if int(e.chunk) < 0:
         raise ValueError(f"config.ensemble.chunk must be >= 0 (0: auto), got {e.chunk}")
     sweep = parse_sweep(config)
-    refused = [n for n in strategies.names(config.strategy.name) if n in SOLO]
-    if refused:
-        raise ValueError(
-            f"strategy {refused[0]!r} cannot join an ensemble ({SOLO[refused[0]]}); "
-            "docs/ensembles.md lists the ones that can"
-        )
     out = []
     grid = list(itertools.product(*sweep.values()))
     for seed in seeds:
@@ -186,10 +180,6 @@ def make(config: ml_collections.ConfigDict) -> list[Member]:
             values = dict(zip(sweep, point, strict=True))
             out.append(Member(len(out), seed, values, _member_config(config, seed, values)))
     return out
-
-
-# Strategies whose step cannot be vectorised over members, and why.
-SOLO: dict[str, str] = {}
 
 
 def _member_config(config, seed: int, values: dict[str, float]) -> ml_collections.ConfigDict:
