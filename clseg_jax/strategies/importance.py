@@ -5,6 +5,8 @@ An importance pass runs a jitted per-batch function over ``phase.batches(batch_s
 0/1 sample weight (the phase's last batch may be smaller, and the sample budget may end inside a
 batch), so the per-batch function compiles once for the whole stream. Per-sample gradients are
 ``jax.vmap(jax.grad(f))``: one vectorised backward pass per batch, no Python loop over samples.
+On several devices each sums its own rows of a batch (``BatchSum``), each process feeding only
+its rows.
 
 The passes run the model in eval mode (``train=False``): in train mode BatchNorm would normalise
 each sample by its own statistics (a degenerate one-sample batch, and a different function from the
@@ -20,15 +22,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from clseg_jax import losses
+from clseg_jax import losses, sharding
 from clseg_jax.strategies import base
 
 PyTree = Any
 # sample_fn(params, batch_stats, class_mask, image [H,W,3], label [H,W]) -> scalar
 SampleFn = Callable[[PyTree, PyTree, jax.Array, jax.Array, jax.Array], jax.Array]
-# batch_fn(acc, params, batch_stats, class_mask, images [b,...], labels [b,...], weights [b]) -> acc
-BatchFn = Callable[..., PyTree]
 
 
 def eval_logits(
@@ -55,31 +56,71 @@ def per_sample_grads(fn: Callable[..., jax.Array], params: PyTree, *batched: jax
     return jax.vmap(jax.grad(fn), in_axes=in_axes)(params, *batched)
 
 
+class BatchSum:
+    """``batch_fn(acc, params, batch_stats, class_mask, images, labels, weights, mesh=None)``:
+    ``acc`` plus one padded batch's sum, compiled.
+
+    With a ``mesh`` (parameters on a data axis of several devices), each device sums its own
+    rows of the batch and a ``psum`` adds the shares (``jax.shard_map``): every process feeds
+    only its rows and a pass costs 1/D of itself per device. Not left to XLA's partitioner,
+    which split a per-sample convolution's weight gradient (a ``batch_group_count``
+    convolution) wrongly on XLA:CPU (jax 0.10.2): conv kernels' Fisher 6.5x too small. One
+    program per mesh, kept here. ``splittable=False`` for sums that do not add up over row
+    blocks (a transform of a batch-mean gradient).
+    """
+
+    def __init__(self, batch_sum: Callable[..., PyTree], splittable: bool = True):
+        self._sum = batch_sum
+        self.splittable = splittable
+        self._plain = jax.jit(_accumulate(batch_sum), donate_argnums=0)
+        self._split: dict = {}
+
+    def __call__(self, acc, params, batch_stats, class_mask, images, labels, weights, mesh=None):
+        args = (params, batch_stats, class_mask, images, labels, weights)
+        if mesh is None or not self.splittable:
+            return self._plain(acc, *args)
+        if mesh not in self._split:
+            total = lambda *a: jax.lax.psum(self._sum(*a), sharding.DATA)
+            rows, whole = PartitionSpec(sharding.DATA), PartitionSpec()
+            mapped = jax.shard_map(
+                total,
+                mesh=mesh,
+                in_specs=(whole, whole, whole, rows, rows, rows),
+                out_specs=whole,
+                check_vma=False,
+            )
+            self._split[mesh] = jax.jit(_accumulate(mapped), donate_argnums=0)
+        return self._split[mesh](acc, *args)
+
+
+def _accumulate(batch_sum: Callable[..., PyTree]) -> Callable[..., PyTree]:
+    return lambda acc, *args: jax.tree.map(jnp.add, acc, batch_sum(*args))
+
+
 def make_per_sample_sum(
     sample_fn: SampleFn, transform: Callable[[jax.Array], jax.Array]
-) -> BatchFn:
-    """Jitted ``acc + sum_i w_i * transform(grad_i)`` over one padded batch (e.g. square, abs)."""
+) -> BatchSum:
+    """``acc + sum_i w_i * transform(grad_i)`` over one padded batch (e.g. square, abs)."""
 
-    def batch_fn(acc, params, batch_stats, class_mask, images, labels, weights):
+    def batch_sum(params, batch_stats, class_mask, images, labels, weights):
         fn = lambda p, x, y: sample_fn(p, batch_stats, class_mask, x, y)
         grads = per_sample_grads(fn, params, images, labels)
-        return jax.tree.map(
-            lambda a, g: a + jnp.tensordot(weights, transform(g), axes=1), acc, grads
-        )
+        return jax.tree.map(lambda g: jnp.tensordot(weights, transform(g), axes=1), grads)
 
-    return jax.jit(batch_fn, donate_argnums=0)
+    return BatchSum(batch_sum)
 
 
 def make_batch_grad_sum(
     sample_fn: SampleFn, transform: Callable[[jax.Array], jax.Array]
-) -> BatchFn:
-    """Jitted ``acc + n_b * transform(grad of the batch's mean sample_fn)`` (n_b = sum of weights).
+) -> BatchSum:
+    """``acc + n_b * transform(grad of the batch's mean sample_fn)`` (n_b = sum of weights).
 
     With ``batch_size=1`` this equals ``make_per_sample_sum``: a batch's objective is the mean of
-    its samples' objectives, and each batch counts as many times as it has samples.
+    its samples' objectives, and each batch counts as many times as it has samples. Not split
+    over devices: a transform of a block's mean gradient does not add up to the batch's.
     """
 
-    def batch_fn(acc, params, batch_stats, class_mask, images, labels, weights):
+    def batch_sum(params, batch_stats, class_mask, images, labels, weights):
         n = jnp.sum(weights)
 
         def mean_fn(p):
@@ -89,9 +130,9 @@ def make_batch_grad_sum(
             return jnp.sum(weights * values) / jnp.maximum(n, 1.0)
 
         grads = jax.grad(mean_fn)(params)
-        return jax.tree.map(lambda a, g: a + n * transform(g), acc, grads)
+        return jax.tree.map(lambda g: n * transform(g), grads)
 
-    return jax.jit(batch_fn, donate_argnums=0)
+    return BatchSum(batch_sum, splittable=False)
 
 
 def _pad(x: np.ndarray, rows: int, fill: int) -> np.ndarray:
@@ -134,8 +175,21 @@ def _divide(tree: PyTree, n: jax.Array) -> PyTree:
     return jax.tree.map(lambda a: a / jnp.maximum(n, 1.0), tree)
 
 
+def _row_mesh(params: PyTree, batch_size: int):
+    """The mesh whose data axis a pass's batches split over: the parameters', if it has several
+    data devices and the batch splits evenly over them and the processes; else None."""
+    leaves = jax.tree.leaves(params)
+    sh = getattr(leaves[0], "sharding", None) if leaves else None
+    if not isinstance(sh, NamedSharding) or sharding.DATA not in sh.mesh.axis_names:
+        return None
+    devices = sh.mesh.shape[sharding.DATA]
+    if devices == 1 or batch_size % devices or batch_size % jax.process_count():
+        return None
+    return sh.mesh
+
+
 def mean_over_samples(
-    batch_fn: BatchFn,
+    batch_fn: BatchSum,
     params: PyTree,
     batch_stats: PyTree,
     phase: base.Phase,
@@ -148,9 +202,16 @@ def mean_over_samples(
     # one compiled program.
     acc = base.place_like(_zeros(params), params)
     mask = np.asarray(phase.class_mask, bool)
+    mesh = _row_mesh(params, batch_size) if batch_fn.splittable else None
+    place = lambda x: x
+    if mesh is not None:  # this process's block of rows, as training batches are fed
+        rows = batch_size // jax.process_count()
+        first, split = jax.process_index() * rows, sharding.batch_sharding(mesh)
+        place = lambda x: jax.make_array_from_process_local_data(split, x[first : first + rows])
     n = 0
     for batch, weights in padded_batches(phase, batch_size, num_samples):
-        acc = batch_fn(acc, params, batch_stats, mask, batch["image"], batch["label"], weights)
+        images, labels, w = place(batch["image"]), place(batch["label"]), place(weights)
+        acc = batch_fn(acc, params, batch_stats, mask, images, labels, w, mesh=mesh)
         n += int(weights.sum())
     # An array, not a Python number: a new value must not become a new compiled constant.
     return _divide(acc, np.float32(n)), n
