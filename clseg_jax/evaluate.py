@@ -108,6 +108,11 @@ class Evaluator:
         # Where a statistic (and the strategy state) of every member lives.
         self._stat = members_lib.sharded(self._repl) if members else self._repl
         self._compiled = None
+        self._step = self._jit_step(forward)
+
+    def _jit_step(self, forward: base.Forward):
+        """The jitted evaluation step of this kind of statistic."""
+        raise NotImplementedError
 
     def _sstate(self, sstate):
         """What the step receives as the strategy state: nothing unless ``predict`` reads it.
@@ -209,22 +214,13 @@ class ConfusionEvaluator(Evaluator):
     """``[K,K]`` confusion per test set, added up on device batch by batch (segmentation,
     classification)."""
 
-    def __init__(
-        self,
-        forward,
-        stream,
-        mesh,
-        batch_size,
-        task=tasks.SEGMENTATION,
-        predict=None,
-        members: int = 0,
-        chunk: int = 1,
-    ):
-        super().__init__(forward, stream, mesh, batch_size, task, predict, members, chunk)
-        step = make_eval_step(forward, stream.num_classes, predict)
-        if members:
-            step = members_lib.vectorize(step, (0, 0, 0, None, None, 0), members, chunk, mesh)
-        self._step = jax.jit(step, out_shardings=self._stat, donate_argnums=(2,))
+    def _jit_step(self, forward):
+        step = make_eval_step(forward, self.stream.num_classes, self.predict)
+        if self.members:
+            step = members_lib.vectorize(
+                step, (0, 0, 0, None, None, 0), self.members, self.chunk, self.mesh
+            )
+        return jax.jit(step, out_shardings=self._stat, donate_argnums=(2,))
 
     def _conf_shape(self) -> tuple[int, ...]:
         k = self.stream.num_classes
@@ -282,25 +278,15 @@ class APEvaluator(Evaluator):
     until the set ends (multi-label); the overall score is the mAP over the seen classes on the
     seen tasks' images."""
 
-    def __init__(
-        self,
-        forward,
-        stream,
-        mesh,
-        batch_size,
-        task=tasks.MULTILABEL,
-        predict=None,
-        members: int = 0,
-        chunk: int = 1,
-    ):
-        if predict is not None:
+    def _jit_step(self, forward):
+        if self.predict is not None:
             raise ValueError(
-                f"a strategy's predict needs a segmentation or classification task, not {task.name}"
+                "a strategy's predict needs a segmentation or classification task, "
+                f"not {self.task.name}"
             )
-        super().__init__(forward, stream, mesh, batch_size, task, predict, members, chunk)
         # An ensemble's members are scored one after another by this one program: the
         # average precisions are host work per member anyway.
-        self._step = jax.jit(make_score_step(forward), out_shardings=self._repl)
+        return jax.jit(make_score_step(forward), out_shardings=self._repl)
 
     def compile(self, params, batch_stats, sstate=None) -> None:
         del sstate
