@@ -69,11 +69,6 @@ def stack(trees: list[Any]) -> Any:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def member(tree: Any, m: int) -> Any:
-    """Member ``m``'s slice."""
-    return jax.tree.map(lambda a: a[m], tree)
-
-
 def build(config: ml_collections.ConfigDict, stop: Callable[[], bool] = stopping.never) -> Ensemble:
     """The parts of the ensemble ``config.ensemble`` describes (``members.make``)."""
     setup.validate_names(config)
@@ -98,7 +93,6 @@ def build(config: ml_collections.ConfigDict, stop: Callable[[], bool] = stopping
     hparams = {
         key: jnp.asarray([m.values[f"strategy.{key}"] for m in ms], jnp.float32) for key in swept
     }
-    repl = sharding.replicated(p0.mesh)
     evaluator = evaluate.make(
         p0.forward,
         stream,
@@ -121,7 +115,7 @@ def build(config: ml_collections.ConfigDict, stop: Callable[[], bool] = stopping
         datasets,
         jax.device_put(stack([p.arrays for p in parts]), shardings),
         shardings,
-        jax.device_put(hparams, members.sharded(repl)),
+        jax.device_put(hparams, members.placement(p0.mesh)),
         evaluator,
         chunk,
         shared,
@@ -194,7 +188,7 @@ def fresh_accumulators(e: Ensemble) -> tuple[Any, step_lib.Monitor]:
     n = len(e.members)
     empty = (step_lib.TrainMetrics.empty(), step_lib.new_monitor())
     stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), empty)
-    return jax.device_put(stacked, members.sharded(sharding.replicated(e.mesh)))
+    return jax.device_put(stacked, members.placement(e.mesh))
 
 
 def _step_structs(e: Ensemble) -> tuple:
@@ -227,7 +221,7 @@ def _bind(compiled: Callable, hparams: dict) -> Callable:
 
 
 def lower_step(e: Ensemble) -> jax.stages.Lowered:
-    msh = members.sharded(sharding.replicated(e.mesh))
+    msh = members.placement(e.mesh)
     metric_sh = jax.tree.map(lambda _: msh, step_lib.TrainMetrics.empty())
     carried = (e.shardings["state"], e.shardings["sstate"], metric_sh, step_lib.Monitor(msh))
     batch_sh = feed_sharding(e)
@@ -249,7 +243,7 @@ def lower_step(e: Ensemble) -> jax.stages.Lowered:
 def begin_phase(e: Ensemble, state: step_lib.TrainState, sstate, phase: base.Phase):
     """Each member's ``setup.begin_phase`` (its strategy's hook, its learning rate)."""
     out = [
-        setup.begin_phase(p, member(state, m), member(sstate, m), phase)
+        setup.begin_phase(p, members.take(state, m), members.take(sstate, m), phase)
         for m, p in enumerate(e.parts)
     ]
     return jax.device_put(stack(out), (e.shardings["state"], e.shardings["sstate"]))
@@ -258,7 +252,7 @@ def begin_phase(e: Ensemble, state: step_lib.TrainState, sstate, phase: base.Pha
 def end_phase(e: Ensemble, state: step_lib.TrainState, sstate, phase: base.Phase):
     """Each member's ``setup.end_phase`` (Fisher, importances, memory ...)."""
     out = [
-        setup.end_phase(p, member(state, m), member(sstate, m), phase)
+        setup.end_phase(p, members.take(state, m), members.take(sstate, m), phase)
         for m, p in enumerate(e.parts)
     ]
     return jax.device_put(stack(out), e.shardings["sstate"])

@@ -106,7 +106,7 @@ class Evaluator:
         self._batch_sharding = sharding.batch_sharding(mesh)
         self._repl = sharding.replicated(mesh)
         # Where a statistic (and the strategy state) of every member lives.
-        self._stat = members_lib.sharded(self._repl) if members else self._repl
+        self._stat = members_lib.placement(mesh) if members else self._repl
         self._compiled = None
         self._step = self._jit_step(forward)
 
@@ -291,7 +291,7 @@ class APEvaluator(Evaluator):
     def compile(self, params, batch_stats, sstate=None) -> None:
         del sstate
         if self.members:
-            params, batch_stats = _member((params, batch_stats), 0)
+            params, batch_stats = members_lib.take((params, batch_stats), 0)
         self._compile_one(params, batch_stats)
 
     def _compile_one(self, params, batch_stats) -> None:
@@ -307,7 +307,7 @@ class APEvaluator(Evaluator):
         if self.members:
             return np.stack(
                 [
-                    self.average_precisions(*_member((params, batch_stats), m), experience)
+                    self.average_precisions(*members_lib.take((params, batch_stats), m), experience)
                     for m in range(self.members)
                 ]
             )
@@ -317,7 +317,9 @@ class APEvaluator(Evaluator):
         seen = range(max(phase.experiences) + 1)
         if self.members:
             return [
-                self.overall_map(*_member((params, batch_stats), m), seen, phase.seen_classes)
+                self.overall_map(
+                    *members_lib.take((params, batch_stats), m), seen, phase.seen_classes
+                )
                 for m in range(self.members)
             ]
         return self.overall_map(params, batch_stats, seen, phase.seen_classes)
@@ -350,11 +352,6 @@ class APEvaluator(Evaluator):
         _, first = np.unique(np.concatenate([f[:, None], y], axis=1), axis=0, return_index=True)
         ap = metrics.average_precision_per_class(s[first], y[first])
         return metrics.nanmean(ap[list(classes)])
-
-
-def _member(tree, m: int):
-    """Member ``m``'s slice of an ensemble's arrays."""
-    return jax.tree.map(lambda a: a[m], tree)
 
 
 EVALUATORS: dict[str, type[Evaluator]] = {"confusion": ConfusionEvaluator, "ap": APEvaluator}

@@ -252,9 +252,9 @@ def vectorize(
             axis_names={MEMBER},
             check_vma=False,
         )
-    if size > 1 and chunk >= size:
-        return jax.vmap(fn, in_axes=tuple(in_axes))
     group = jax.vmap(fn, in_axes=tuple(in_axes))
+    if size > 1 and chunk >= size:
+        return group
 
     def call(*args):
         outs = []
@@ -262,12 +262,12 @@ def vectorize(
             hi = min(lo + chunk, size)
             if hi - lo == 1:
                 picked = [
-                    _take(a, lo) if ax == 0 else a for a, ax in zip(args, in_axes, strict=True)
+                    take(a, lo) if ax == 0 else a for a, ax in zip(args, in_axes, strict=True)
                 ]
                 outs.append(jax.tree.map(lambda x: x[None], fn(*picked)))
             else:
                 picked = [
-                    _take(a, slice(lo, hi)) if ax == 0 else a
+                    take(a, slice(lo, hi)) if ax == 0 else a
                     for a, ax in zip(args, in_axes, strict=True)
                 ]
                 outs.append(group(*picked))
@@ -276,8 +276,14 @@ def vectorize(
     return call
 
 
-def _take(tree, index):
+def take(tree, index):
+    """Member ``index``'s slice of stacked arrays (or a ``slice`` of members)."""
     return jax.tree.map(lambda a: a[index], tree)
+
+
+def placement(mesh: Mesh) -> NamedSharding:
+    """Where per-member arrays with nothing else split go (metrics, statistics, values)."""
+    return sharded(NamedSharding(mesh, PartitionSpec()))
 
 
 def sharded(sh: NamedSharding) -> NamedSharding:

@@ -284,7 +284,7 @@ class _Run:
         rows = (
             [host]
             if self.room is setup
-            else [ensemble.member(host, m) for m in range(len(self.parts.members))]
+            else [members.take(host, m) for m in range(len(self.parts.members))]
         )
         computed = [r.compute() for r in rows]
         per_member = {k: np.array([float(c[k]) for c in computed]) for k in computed[0]}

@@ -80,13 +80,13 @@ def test_each_member_equals_its_separate_run(case):
     for m in e.members:
         alone = setup.build(m.config)
         s_state, s_sstate, s_row = _drive(setup, alone)
-        params_diff = _max_diff(ensemble.member(state, m.index), s_state)
-        sstate_diff = _max_diff(ensemble.member(sstate, m.index), s_sstate)
+        params_diff = _max_diff(members.take(state, m.index), s_state)
+        sstate_diff = _max_diff(members.take(sstate, m.index), s_sstate)
         assert params_diff <= 1e-5 and sstate_diff <= 1e-5, (m.index, params_diff, sstate_diff)
         confusions = np.stack([r[m.index] for r in row]), np.stack(s_row)
         assert np.abs(confusions[0] - confusions[1]).sum() <= 2, m.index
     # Members differ (their seeds or values), so the test could fail.
-    assert _max_diff(ensemble.member(state.params, 0), ensemble.member(state.params, 1)) > 1e-4
+    assert _max_diff(members.take(state.params, 0), members.take(state.params, 1)) > 1e-4
     print(case, counter.count)
 
 
