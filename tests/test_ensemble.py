@@ -187,3 +187,22 @@ def test_a_stopped_ensemble_resumes_from_its_one_checkpoint(whole_run, tmp_path)
     resumed = train.run(config, str(tmp_path))
     for a, b in zip(resumed["members"], whole_run["members"], strict=True):
         np.testing.assert_allclose(a["accuracy_matrix"], b["accuracy_matrix"], atol=1e-6)
+
+
+def test_a_multilabel_ensemble_scores_each_member_as_its_separate_run():
+    # The AP evaluator scores members one after another (its own code path, not the vmap).
+    from tests.test_contract import _config as contract_config
+
+    config = contract_config("multilabel")
+    config.ensemble.seeds = (0, 1)
+    e = ensemble.build(config)
+    state = e.arrays["state"]
+    phase = e.phases[0]
+    ev = e.evaluator.after_phase(state.params, state.batch_stats, None, phase)
+    for m, parts in enumerate(e.parts):
+        mine = members.take(state, m)
+        alone = parts.evaluator.after_phase(mine.params, mine.batch_stats, None, phase)
+        for a, b in zip(ev.row, alone.row, strict=True):
+            np.testing.assert_allclose(a[m], b, atol=1e-6)
+        assert ev.overall[m] == pytest.approx(alone.overall, abs=1e-6)
+    assert not np.allclose(ev.row[0][0], ev.row[0][1], equal_nan=True)  # members differ
