@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from clseg_jax import checkpoint, data, evaluate, losses, models, setup, tasks
+from clseg_jax import checkpoint, data, evaluate, losses, models, rows, setup, tasks
 from clseg_jax.data import phases as phases_lib
 from clseg_jax.memory import buffer
 from clseg_jax.strategies import base, der, icarl
@@ -184,16 +184,16 @@ def test_icarl_loss_matches_numpy():
         jnp.asarray(class_mask),
     )
     sig = lambda v: 1 / (1 + np.exp(-v))
-    total, rows = 0.0, 0
+    total, n_rows = 0.0, 0
     for i in range(b):
         if labels[i] == 255:
             continue
-        rows += 1
+        n_rows += 1
         for k in np.flatnonzero(class_mask):
             t = sig(old[i, k]) if old_classes[k] else float(labels[i] == k)
             p = sig(raw[i, k])
             total -= t * np.log(p) + (1 - t) * np.log(1 - p)
-    np.testing.assert_allclose(float(got), total / rows, rtol=1e-5)
+    np.testing.assert_allclose(float(got), total / n_rows, rtol=1e-5)
 
 
 def test_nme_predicts_the_nearest_normalised_class_mean():
@@ -209,7 +209,7 @@ def test_nme_predicts_the_nearest_normalised_class_mean():
     memory = st.memory._replace(
         image=jnp.asarray(images), label=jnp.asarray(labels), valid=jnp.asarray(valid)
     )
-    features_fn = lambda p, s, x: {"features": _stand_in_forward(x)["penultimate"]}
+    features_fn = rows.Map(lambda p, s, x: {"features": _stand_in_forward(x)["penultimate"]}, 2)
     means, has_mean = icarl.class_means(memory, features_fn, {}, {}, st.means.shape)
     f = images.astype(np.float64).mean(axis=(1, 2)) / 255.0
     f = f / np.linalg.norm(f, axis=1, keepdims=True)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from clseg_jax import rows
 from clseg_jax.memory import buffer, selection, update
 from clseg_jax.strategies import base
 
@@ -224,7 +225,7 @@ def test_update_stores_rows_labels_and_extras():
             np.random.default_rng(p),
             num_classes=3,
             num_experiences=3,
-            row_fn=row_fn,
+            row_fn=rows.Map(row_fn, whole=2),
             batch_size=4,
         )
         if p == 0:

@@ -2,7 +2,7 @@
 own CPU devices, launched through the command line as a user launches a TPU VM's workers.
 
 A 2-process run (2 devices each) equals the 1-process run on the same 4 devices, for a
-segmentation stream with ``ewc+replay`` and for a multi-label stream; when one process dies
+segmentation stream with ``ewc+replay`` (herding) and for a multi-label stream; when one process dies
 mid-experience the other exits with one line instead of hanging, and the same launch again
 resumes and ends where the uninterrupted run ends.
 """
@@ -42,6 +42,8 @@ SEGMENTATION = [
     "--config.eval_batch_size=16",
     "--config.strategy.name=ewc+replay",
     "--config.strategy.replay_batch=4",
+    # Herding: memory selection from features that each process computes for its rows only.
+    "--config.strategy.replay_policy=herding",
 ]
 MULTILABEL = [
     "--config=configs/multilabel_digits.py",

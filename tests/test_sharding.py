@@ -1,5 +1,6 @@
 """Data parallelism over 8 (fake CPU) devices equals the 1-device run, compiled once; so do the
-importance passes between phases split over the devices, and an ensemble's member with the
+passes between phases split over the devices (Fisher, importances, PLOP's histogram, memory
+selection's features and logits), and an ensemble's member with the
 members axis split over devices too.
 
 Runs in a subprocess because the device count is fixed when JAX starts.
@@ -44,35 +45,48 @@ SCRIPT = textwrap.dedent(
             "losses": [l["train/loss"] for l in lines if "train/loss" in l],
             "compiles_per_phase": res["timing"]["compiles_per_phase"],
         }
-    # EWC's and MAS's importance passes split over the 8 devices (each sums 2 of a batch's 16
-    # per-sample gradients) against the whole pass on one device; the second pass compiles
-    # nothing.
-    from clseg_jax import compiles
-    from clseg_jax.strategies import importance
+    # The passes between phases split over the 8 devices (each device computes 2 of a batch's
+    # 16 rows) against the whole pass on one device: EWC's two Fishers, MAS's importances,
+    # PLOP's entropy histogram, herding's features and DER++'s stored logits; the second phase's
+    # hooks compile nothing.
+    from clseg_jax import compiles, rows
+    PASSES = {
+        "ewc": {"strategy.name": "ewc", "strategy.ewc_samples": 32},
+        "ewc_batch": {"strategy.name": "ewc", "strategy.ewc_samples": 32,
+                      "strategy.ewc_fisher": "batch"},
+        "mas": {"strategy.name": "mas", "strategy.mas_samples": 32},
+        "plop": {"strategy.name": "plop", "strategy.plop_batch": 16},
+        "herding": {"strategy.name": "replay", "strategy.replay_policy": "herding",
+                    "strategy.replay_mem_size": 40, "strategy.replay_batch": 8},
+        "der": {"strategy.name": "der", "strategy.der_mem_size": 40, "strategy.der_batch": 8},
+    }
     passes = {}
     for name, mesh_axes in (("one", (("data", 1),)), ("eight", (("data", -1),))):
-        for strategy in ("ewc", "mas"):
-            c = tiny.config(**SHORT, **{"strategy.name": strategy, "strategy.ewc_samples": 32,
-                                        "strategy.mas_samples": 32})
+        for key, fields in PASSES.items():
+            c = tiny.config(**SHORT, **fields)
             c.sharding.mesh = mesh_axes
             p = setup.build(c)
             st = p.arrays["state"]
-            s0 = p.strategy.after_phase(st.params, st.batch_stats, p.arrays["sstate"], p.phases[0])
+            params, s = p.strategy.before_phase(
+                st.params, st.batch_stats, p.arrays["sstate"], p.phases[0]
+            )
+            s = p.strategy.after_phase(params, st.batch_stats, s, p.phases[0])
             with compiles.Counter() as counter:
-                s1 = p.strategy.after_phase(st.params, st.batch_stats, s0, p.phases[1])
-            split = importance._row_mesh(st.params, 16) is not None
-            leaves = [np.asarray(x) for x in jax.tree.leaves(s1)]
-            passes[name, strategy] = (leaves, counter.count, split)
+                params, s = p.strategy.before_phase(params, st.batch_stats, s, p.phases[1])
+                s = p.strategy.after_phase(params, st.batch_stats, s, p.phases[1])
+            split = rows.mesh_for(st.params, 16) is not None
+            leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves((params, s))]
+            passes[name, key] = (leaves, counter.count, split)
     out["passes"] = {
-        strategy: {
+        key: {
             "max_rel_diff": max(
-                float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-12))
-                for a, b in zip(passes["one", strategy][0], passes["eight", strategy][0])
+                float(np.max(np.abs(a - b), initial=0) / max(np.max(np.abs(a), initial=0), 1e-12))
+                for a, b in zip(passes["one", key][0], passes["eight", key][0])
             ),
-            "split": [passes["one", strategy][2], passes["eight", strategy][2]],
-            "second_pass_compiles": passes["eight", strategy][1],
+            "split": [passes["one", key][2], passes["eight", key][2]],
+            "second_pass_compiles": passes["eight", key][1],
         }
-        for strategy in ("ewc", "mas")
+        for key in PASSES
     }
     # An ensemble of 2 members, its members axis split over 2 devices and each member's batch
     # over 4: member 0 is the "one" run above.
@@ -120,7 +134,7 @@ def test_eight_devices_match_one(tmp_path):
             assert abs(a - b) <= 1e-5 * max(abs(a), 1e-3), (a, b)
     assert eight["compiles_per_phase"][1:] == [0]
     for strategy, r in out["passes"].items():
-        # XLA's own partitioning of these passes was 6.5x off (the BatchSum docstring).
+        # XLA's own partitioning of these passes was 6.5x off (clseg_jax/rows.py's docstring).
         assert r["split"] == [False, True] and r["max_rel_diff"] <= 1e-4, (strategy, r)
         assert r["second_pass_compiles"] == 0, (strategy, r)
     ens = out["ensemble"]

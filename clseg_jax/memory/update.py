@@ -8,20 +8,20 @@ over batches padded to a fixed size: it compiles once for the whole stream.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clseg_jax import losses
+from clseg_jax import losses, rows
 from clseg_jax.memory import buffer as buffer_lib
 from clseg_jax.memory import selection
 from clseg_jax.strategies import base
 
-# row_fn(params, batch_stats, images [b,H,W,3] uint8) -> {name: [b,...]}; "features" [b,C] is what
-# herding uses, any other name is stored per row in ``Buffer.extra``.
-RowFn = Callable[..., dict[str, jax.Array]]
+# row_fn(params, batch_stats, images [b,H,W,3] uint8, mesh=None) -> {name: [b,...]}: "features"
+# [b,C] is what herding uses, any other name is stored per row in ``Buffer.extra``.
+RowFn = rows.Map
 
 
 def presence(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -56,13 +56,13 @@ def pooled_features(outputs: dict[str, jax.Array]) -> jax.Array:
 
 
 def make_features_fn(forward: base.Forward) -> RowFn:
-    """A jitted ``row_fn`` giving eval-mode pooled features (for herding)."""
+    """A compiled ``row_fn`` giving eval-mode pooled features (for herding)."""
 
     def fn(params, batch_stats, images):
         out, _ = forward(params, batch_stats, images, False)
         return {"features": pooled_features(out)}
 
-    return jax.jit(fn)
+    return rows.Map(fn, whole=2)
 
 
 def _padded(images: np.ndarray, size: int) -> Iterator[tuple[np.ndarray, int]]:
@@ -75,10 +75,14 @@ def _padded(images: np.ndarray, size: int) -> Iterator[tuple[np.ndarray, int]]:
 
 
 def apply_rows(row_fn: RowFn, params, batch_stats, images: np.ndarray, size: int) -> dict:
-    """``row_fn`` over ``images [N,...]`` in padded batches of ``size`` -> ``{name: [N,...]}``."""
+    """``row_fn`` over ``images [N,...]`` in padded batches of ``size`` -> ``{name: [N,...]}``.
+
+    Every process passes all of ``images``; on a mesh each feeds only its block of each batch.
+    """
+    mesh = rows.mesh_for(params, size)
     parts: dict[str, list[np.ndarray]] = {}
     for chunk, n in _padded(images, size):
-        for k, v in row_fn(params, batch_stats, chunk).items():
+        for k, v in row_fn(params, batch_stats, rows.feed(chunk, mesh), mesh=mesh).items():
             parts.setdefault(k, []).append(np.asarray(v)[:n])
     return {k: np.concatenate(v) for k, v in parts.items()}
 
@@ -149,12 +153,12 @@ def update(
         offset += b
         if not hits:
             continue
-        rows, slots = (np.asarray(x) for x in zip(*hits, strict=True))
-        out["image"][slots] = batch["image"][rows]
-        out["label"][slots] = batch["label"][rows]
+        picked, slots = (np.asarray(x) for x in zip(*hits, strict=True))
+        out["image"][slots] = batch["image"][picked]
+        out["label"][slots] = batch["label"][picked]
         out["exp"][slots] = phase.index
         if extra_names:
-            extras = apply_rows(row_fn, params, batch_stats, batch["image"][rows], batch_size)
+            extras = apply_rows(row_fn, params, batch_stats, batch["image"][picked], batch_size)
             for e in extra_names:
                 out[f"extra/{e}"][slots] = extras[e]
     out["valid"] = chosen >= 0

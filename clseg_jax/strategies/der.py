@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from clseg_jax import rows
 from clseg_jax.memory import buffer, update
 from clseg_jax.strategies import base, replay
 
@@ -72,7 +73,7 @@ def _logits_fn(forward: base.Forward) -> update.RowFn:
         out, _ = forward(params, batch_stats, images, False)
         return {"logits": out["logits"].astype(jnp.float32)}
 
-    return jax.jit(fn)
+    return rows.Map(fn, whole=2)
 
 
 def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
@@ -94,12 +95,12 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
 
     def prepare_batch(batch: base.Batch, st: DerState, key: jax.Array) -> base.Batch:
         k_logits, k_labels = jax.random.split(key)
-        rows, ok = buffer.sample(st.memory, k_logits, n)
+        sampled, ok = buffer.sample(st.memory, k_logits, n)
         # A row's logits cover its phase's classes; empty slots cover none (exp = -1).
-        classes = st.phase_classes[jnp.maximum(rows["exp"], 0)] & ok[:, None]  # [n,K]
-        out = buffer.append_replay(batch, rows, ok)
+        classes = st.phase_classes[jnp.maximum(sampled["exp"], 0)] & ok[:, None]  # [n,K]
+        out = buffer.append_replay(batch, sampled, ok)
         out = buffer.append_replay(out, *buffer.sample(st.memory, k_labels, n))
-        return {**out, "der_logits": rows["logits"], "der_classes": classes}
+        return {**out, "der_logits": sampled["logits"], "der_classes": classes}
 
     def loss(inputs: base.LossInputs, st: DerState, key: jax.Array):
         del st, key

@@ -5,8 +5,8 @@ An importance pass runs a jitted per-batch function over ``phase.batches(batch_s
 0/1 sample weight (the phase's last batch may be smaller, and the sample budget may end inside a
 batch), so the per-batch function compiles once for the whole stream. Per-sample gradients are
 ``jax.vmap(jax.grad(f))``: one vectorised backward pass per batch, no Python loop over samples.
-On several devices each sums its own rows of a batch (``BatchSum``), each process feeding only
-its rows.
+On several devices each sums its own rows of a batch, each process feeding only its rows
+(``clseg_jax.rows``).
 
 The passes run the model in eval mode (``train=False``): in train mode BatchNorm would normalise
 each sample by its own statistics (a degenerate one-sample batch, and a different function from the
@@ -22,9 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from clseg_jax import losses, sharding
+from clseg_jax import losses, rows
 from clseg_jax.strategies import base
 
 PyTree = Any
@@ -56,50 +55,9 @@ def per_sample_grads(fn: Callable[..., jax.Array], params: PyTree, *batched: jax
     return jax.vmap(jax.grad(fn), in_axes=in_axes)(params, *batched)
 
 
-class BatchSum:
-    """``batch_fn(acc, params, batch_stats, class_mask, images, labels, weights, mesh=None)``:
-    ``acc`` plus one padded batch's sum, compiled.
-
-    With a ``mesh`` (parameters on a data axis of several devices), each device sums its own
-    rows of the batch and a ``psum`` adds the shares (``jax.shard_map``): every process feeds
-    only its rows and a pass costs 1/D of itself per device. Not left to XLA's partitioner,
-    which split a per-sample convolution's weight gradient (a ``batch_group_count``
-    convolution) wrongly on XLA:CPU (jax 0.10.2): conv kernels' Fisher 6.5x too small. One
-    program per mesh, kept here. ``splittable=False`` for sums that do not add up over row
-    blocks (a transform of a batch-mean gradient).
-    """
-
-    def __init__(self, batch_sum: Callable[..., PyTree], splittable: bool = True):
-        self._sum = batch_sum
-        self.splittable = splittable
-        self._plain = jax.jit(_accumulate(batch_sum), donate_argnums=0)
-        self._split: dict = {}
-
-    def __call__(self, acc, params, batch_stats, class_mask, images, labels, weights, mesh=None):
-        args = (params, batch_stats, class_mask, images, labels, weights)
-        if mesh is None or not self.splittable:
-            return self._plain(acc, *args)
-        if mesh not in self._split:
-            total = lambda *a: jax.lax.psum(self._sum(*a), sharding.DATA)
-            rows, whole = PartitionSpec(sharding.DATA), PartitionSpec()
-            mapped = jax.shard_map(
-                total,
-                mesh=mesh,
-                in_specs=(whole, whole, whole, rows, rows, rows),
-                out_specs=whole,
-                check_vma=False,
-            )
-            self._split[mesh] = jax.jit(_accumulate(mapped), donate_argnums=0)
-        return self._split[mesh](acc, *args)
-
-
-def _accumulate(batch_sum: Callable[..., PyTree]) -> Callable[..., PyTree]:
-    return lambda acc, *args: jax.tree.map(jnp.add, acc, batch_sum(*args))
-
-
 def make_per_sample_sum(
     sample_fn: SampleFn, transform: Callable[[jax.Array], jax.Array]
-) -> BatchSum:
+) -> rows.Sum:
     """``acc + sum_i w_i * transform(grad_i)`` over one padded batch (e.g. square, abs)."""
 
     def batch_sum(params, batch_stats, class_mask, images, labels, weights):
@@ -107,36 +65,38 @@ def make_per_sample_sum(
         grads = per_sample_grads(fn, params, images, labels)
         return jax.tree.map(lambda g: jnp.tensordot(weights, transform(g), axes=1), grads)
 
-    return BatchSum(batch_sum)
+    return rows.Sum(batch_sum, whole=3)
 
 
 def make_batch_grad_sum(
     sample_fn: SampleFn, transform: Callable[[jax.Array], jax.Array]
-) -> BatchSum:
+) -> rows.Sum:
     """``acc + n_b * transform(grad of the batch's mean sample_fn)`` (n_b = sum of weights).
 
     With ``batch_size=1`` this equals ``make_per_sample_sum``: a batch's objective is the mean of
-    its samples' objectives, and each batch counts as many times as it has samples. Not split
-    over devices: a transform of a block's mean gradient does not add up to the batch's.
+    its samples' objectives, and each batch counts as many times as it has samples. Split over
+    devices as the gradient of the weighted sum and the weight (both add up over row blocks); the
+    mean and the transform come after the blocks are added.
     """
 
     def batch_sum(params, batch_stats, class_mask, images, labels, weights):
-        n = jnp.sum(weights)
-
-        def mean_fn(p):
+        def total(p):
             values = jax.vmap(lambda x, y: sample_fn(p, batch_stats, class_mask, x, y))(
                 images, labels
             )
-            return jnp.sum(weights * values) / jnp.maximum(n, 1.0)
+            return jnp.sum(weights * values)
 
-        grads = jax.grad(mean_fn)(params)
-        return jax.tree.map(lambda g: n * transform(g), grads)
+        return jax.grad(total)(params), jnp.sum(weights)
 
-    return BatchSum(batch_sum, splittable=False)
+    def finalize(parts):
+        grad_sum, n = parts
+        return jax.tree.map(lambda g: n * transform(g / jnp.maximum(n, 1.0)), grad_sum)
+
+    return rows.Sum(batch_sum, whole=3, finalize=finalize)
 
 
-def _pad(x: np.ndarray, rows: int, fill: int) -> np.ndarray:
-    return np.concatenate([x, np.full((rows, *x.shape[1:]), fill, x.dtype)])
+def _pad(x: np.ndarray, n: int, fill: int) -> np.ndarray:
+    return np.concatenate([x, np.full((n, *x.shape[1:]), fill, x.dtype)])
 
 
 def padded_batches(
@@ -175,21 +135,8 @@ def _divide(tree: PyTree, n: jax.Array) -> PyTree:
     return jax.tree.map(lambda a: a / jnp.maximum(n, 1.0), tree)
 
 
-def _row_mesh(params: PyTree, batch_size: int):
-    """The mesh whose data axis a pass's batches split over: the parameters', if it has several
-    data devices and the batch splits evenly over them and the processes; else None."""
-    leaves = jax.tree.leaves(params)
-    sh = getattr(leaves[0], "sharding", None) if leaves else None
-    if not isinstance(sh, NamedSharding) or sharding.DATA not in sh.mesh.axis_names:
-        return None
-    devices = sh.mesh.shape[sharding.DATA]
-    if devices == 1 or batch_size % devices or batch_size % jax.process_count():
-        return None
-    return sh.mesh
-
-
 def mean_over_samples(
-    batch_fn: BatchSum,
+    batch_fn: rows.Sum,
     params: PyTree,
     batch_stats: PyTree,
     phase: base.Phase,
@@ -202,16 +149,11 @@ def mean_over_samples(
     # one compiled program.
     acc = base.place_like(_zeros(params), params)
     mask = np.asarray(phase.class_mask, bool)
-    mesh = _row_mesh(params, batch_size) if batch_fn.splittable else None
-    place = lambda x: x
-    if mesh is not None:  # this process's block of rows, as training batches are fed
-        rows = batch_size // jax.process_count()
-        first, split = jax.process_index() * rows, sharding.batch_sharding(mesh)
-        place = lambda x: jax.make_array_from_process_local_data(split, x[first : first + rows])
+    mesh = rows.mesh_for(params, batch_size)
     n = 0
     for batch, weights in padded_batches(phase, batch_size, num_samples):
-        images, labels, w = place(batch["image"]), place(batch["label"]), place(weights)
-        acc = batch_fn(acc, params, batch_stats, mask, images, labels, w, mesh=mesh)
+        split = [rows.feed(x, mesh) for x in (batch["image"], batch["label"], weights)]
+        acc = batch_fn(acc, params, batch_stats, mask, *split, mesh=mesh)
         n += int(weights.sum())
     # An array, not a Python number: a new value must not become a new compiled constant.
     return _divide(acc, np.float32(n)), n

@@ -64,7 +64,6 @@ State (``State``): the snapshot, ``thresholds float32 [K]``, ``entropy_scale flo
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -75,7 +74,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from clseg_jax import losses
+from clseg_jax import losses, rows
 from clseg_jax.strategies import base, importance, mib, snapshot
 
 PyTree = Any
@@ -137,9 +136,9 @@ def pod_embedding(x: jax.Array, scales: Sequence[int]) -> jax.Array:
         if kh == 0 or kw == 0:
             continue
         r = x[:, : s * kh, : s * kw].reshape(b, s, kh, s, kw, c)
-        rows = r.mean(axis=4).transpose(0, 1, 3, 4, 2).reshape(b, s, s, c * kh)
-        cols = r.mean(axis=2).transpose(0, 1, 2, 4, 3).reshape(b, s, s, c * kw)
-        parts.append(jnp.concatenate([rows, cols], axis=-1).reshape(b, -1))
+        by_row = r.mean(axis=4).transpose(0, 1, 3, 4, 2).reshape(b, s, s, c * kh)
+        by_col = r.mean(axis=2).transpose(0, 1, 2, 4, 3).reshape(b, s, s, c * kw)
+        parts.append(jnp.concatenate([by_row, by_col], axis=-1).reshape(b, -1))
     return jnp.concatenate(parts, axis=-1)
 
 
@@ -225,9 +224,9 @@ def histogram_median(hist: np.ndarray) -> np.ndarray:
     cum = np.cumsum(hist, axis=1)
     half = total / 2
     j = np.argmax(cum >= half[:, None], axis=1)  # first bin reaching half the count
-    rows = np.arange(len(hist))
-    below = cum[rows, j] - hist[rows, j]
-    inside = (half - below) / np.maximum(hist[rows, j], 1.0)
+    at = np.arange(len(hist)), j
+    below = cum[at] - hist[at]
+    inside = (half - below) / np.maximum(hist[at], 1.0)
     return np.where(total > 0, (j + inside) / bins, 0.0)
 
 
@@ -248,14 +247,16 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
         snap = snapshot.empty(params, batch_stats, k)
         return State(snap, jnp.zeros(k, jnp.float32), zero(), zero())
 
-    @functools.partial(jax.jit, donate_argnums=0)
-    def add_histogram(hist, params, batch_stats, old_mask, log_n_old, images, labels):
-        """``hist [K, bins] +=`` (old prediction, bin of H / log n_old) of pixels labelled 0."""
+    def histogram(params, batch_stats, old_mask, log_n_old, images, labels):
+        """``[K, bins]``: (old prediction, bin of H / log n_old) of the pixels labelled 0."""
         out, _ = env.forward(params, batch_stats, images, False)
         probs = jax.nn.softmax(losses.mask_logits(out["logits"], old_mask), axis=-1)
         pred = jnp.argmax(probs, axis=-1)
         b = jnp.clip(jnp.floor(entropy(probs) / log_n_old * bins), 0, bins - 1).astype(jnp.int32)
+        hist = jnp.zeros((k, bins), jnp.int32)
         return hist.at[pred.ravel(), b.ravel()].add((labels == 0).astype(jnp.int32).ravel())
+
+    add_histogram = rows.Sum(histogram, whole=4)
 
     def before_phase(params, batch_stats, state: State, phase: base.Phase):
         del batch_stats
@@ -269,16 +270,12 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
         # Placed as the state is: the threshold pass then compiles once for the stream.
         hist = base.place_like(np.zeros((k, bins), np.int32), state.thresholds, cast=False)
         # Padding rows are all 255, so they add nothing; every batch has one shape (one compile).
+        snap = state.snap
+        mesh = rows.mesh_for(snap.params, batch_size)
         for batch, _ in importance.padded_batches(phase, batch_size, np.iinfo(np.int64).max):
-            snap = state.snap
+            images, labels = rows.feed(batch["image"], mesh), rows.feed(batch["label"], mesh)
             hist = add_histogram(
-                hist,
-                snap.params,
-                snap.batch_stats,
-                old_mask,
-                log_old,
-                batch["image"],
-                batch["label"],
+                hist, snap.params, snap.batch_stats, old_mask, log_old, images, labels, mesh=mesh
             )
             if not active:
                 break  # first phase (plain CE): one batch, only so that no later phase compiles
