@@ -3,10 +3,14 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,serve,serve-test
+EXTRAS ?= dev,serve,serve-test,onednn
+# The oneDNN convolution kernel (clseg_jax/kernels): built after the install; without a compiler
+# or oneDNN it says so in one line and conv_impl=auto means XLA, unless ONEDNN_REQUIRE=1 (CI).
+KERNEL := clseg_jax/kernels/_build/libclseg_onednn.so
+ONEDNN_REQUIRE ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-slow lint bench bench-accel wheels-accel baselines install clean serve
+.PHONY: demo test test-slow lint bench bench-accel wheels-accel baselines install clean serve kernels
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,15 +19,20 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	echo "$(EXTRAS)" > $(STAMP)
 
-install: $(STAMP)
+$(KERNEL): clseg_jax/kernels/conv_onednn.cc $(STAMP)
+	$(BIN)/python -m clseg_jax.kernels.build $(if $(ONEDNN_REQUIRE),--require)
+
+kernels: $(KERNEL)
+
+install: $(STAMP) $(KERNEL)
 
 # The default experiment: domain-incremental shapes, naive fine-tuning against joint training.
-demo: $(STAMP)
+demo: $(STAMP) $(KERNEL)
 	$(BIN)/python -m clseg_jax.main --config=configs/shapes_di.py:compare --workdir=runs/demo
 
 # The service in embedded mode (SQLite, a local folder, an in-process worker) on loopback.
 SERVE_PORT ?= 8000
-serve: $(STAMP)
+serve: $(STAMP) $(KERNEL)
 	$(BIN)/python -m clseg_jax.serve serve --port $(SERVE_PORT)
 
 # Two pytest workers (pytest-xdist), one test file each at a time so module fixtures run once:
@@ -31,20 +40,20 @@ serve: $(STAMP)
 # first (tests/conftest.py orders them; --no-loadscope-reorder keeps that order).
 PYTEST_WORKERS ?= 2
 
-test: $(STAMP)
+test: $(STAMP) $(KERNEL)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder \
 		--durations=15
 
 # Full-size runs (minutes each); not part of `make test`.
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(KERNEL)
 	$(BIN)/python -m pytest -q -ra -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: $(STAMP)
+bench: $(STAMP) $(KERNEL)
 	$(BIN)/python experiments/bench_step.py --out experiments/results/bench_step.json
 
 # Issue 17: W1-W4 at accelerator presets on a GPU/TPU machine, with that machine's own Python

@@ -57,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
             # it goes into ("backbone" for an ImageNet classifier) and whether the head is
             # skipped (another class count). Declared so --config.model.pretrained.path=... works.
             "pretrained": {"path": "", "into": "", "skip_head": True},
+            # "auto" | "xla" | "onednn": who computes the convolutions; auto = the oneDNN
+            # kernel on a one-device CPU run in float32 where it is built, else XLA
+            # (clseg_jax/kernels/select.py).
+            "conv_impl": "auto",
         }
     )
     # "float32" | "bfloat16" | "auto" (bf16 on GPU/TPU): the dtype convolutions and matmuls run

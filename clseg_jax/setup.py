@@ -35,6 +35,7 @@ from clseg_jax import (
 from clseg_jax import step as step_lib
 from clseg_jax.data import base as data_base
 from clseg_jax.data import phases as phases_lib
+from clseg_jax.kernels import select
 from clseg_jax.models import weights
 from clseg_jax.strategies import base
 
@@ -90,6 +91,17 @@ def validate_names(config: ml_collections.ConfigDict) -> None:
     members.make(config)  # the ensemble's fields (one-line errors)
 
 
+def model_config(config: ml_collections.ConfigDict, devices: int) -> ml_collections.ConfigDict:
+    """``config.model`` with the precision's dtype and ``conv_impl`` resolved for a mesh of
+    ``devices`` (``kernels/select.py``)."""
+    policy = config.get("precision", "float32")
+    out = precision.model_config(config.model, policy).copy_and_resolve_references()
+    dtype = str(out.kwargs.get("dtype", None) or "float32")
+    impl = config.model.get("conv_impl", "xla")
+    out.conv_impl = select.resolve(impl, dtype=dtype, devices=devices)
+    return out
+
+
 def init_model(
     model_cfg: ml_collections.ConfigDict, num_classes: int, seed: int
 ) -> tuple[nnx.GraphDef, Any, Any]:
@@ -130,6 +142,7 @@ def make_env(
     input_norm: str = "symmetric",
     crop: int = 0,
     stop: Callable[[], bool] = stopping.never,
+    conv_impl: str = "xla",
 ) -> base.Env:
     """What a strategy built for this stream may know (``base.Env``).
 
@@ -155,6 +168,7 @@ def make_env(
         graphdef=graphdef,
         input_norm=input_norm,
         stop=stop,
+        conv_impl=conv_impl,
     )
 
 
@@ -174,7 +188,8 @@ def build(
       stop: whether the run was asked to stop, for hooks that loop for long (``Env.stop``).
     """
     validate_names(config)
-    model_cfg = precision.model_config(config.model, config.get("precision", "float32"))
+    mesh = sharding.make_mesh(config.sharding.mesh)
+    model_cfg = model_config(config, mesh.size)
     stream = stream if stream is not None else data.make(config.data)
     graphdef, params, batch_stats = init_model(model_cfg, stream.num_classes, config.seed)
     input_norm = config.model.get("input_norm", "symmetric")
@@ -188,6 +203,7 @@ def build(
         input_norm=input_norm,
         crop=config.augment.crop,
         stop=stop,
+        conv_impl=model_cfg.conv_impl,
     )
     task_il = bool(config.get("eval_task_il", False) or config.get("task_incremental"))
     if task_il and env.task.name != "classification":
@@ -201,7 +217,6 @@ def build(
         strategy.schedule(len(stream.experiences)),
         task_incremental=bool(config.get("task_incremental", False)),
     )
-    mesh = sharding.make_mesh(config.sharding.mesh)
     datasets = [
         phases_lib.train_dataset(stream, p, config, jax.process_index(), jax.process_count())
         for p in phases

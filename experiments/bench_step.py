@@ -161,6 +161,18 @@ def bench_naive(cfg, batch_size: int, size: int, steps: int, warmup: int):
     return med, times, compile_s, _xla_flops(compiled)
 
 
+BENCHES = {"bare": bench_bare, "naive": bench_naive}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo): figures differ between machines of one kind."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -168,38 +180,57 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--which", default="bare,naive")
+    parser.add_argument(
+        "--impls", default="xla,onednn", help="model.conv_impl values, compared in one run"
+    )
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="experiments/results/bench_step.json")
     args = parser.parse_args()
 
-    cfg = npz_config.get_config()
     peak = matmul_gflops()
-    results = {}
-    for which in args.which.split(","):
-        if which == "bare":
-            med, times, compile_s, xla = bench_bare(
-                cfg, args.batch, args.size, args.steps, args.warmup
-            )
-        elif which == "naive":
-            med, times, compile_s, xla = bench_naive(
-                cfg, args.batch, args.size, args.steps, args.warmup
-            )
-        else:
-            raise SystemExit(f"unknown --which {which!r}; valid: bare, naive")
-        ips = args.batch / med
-        gflops = ips * GFLOP_PER_TRAIN_IMAGE * (args.size / 64) ** 2
-        results[which] = {
-            "images_per_s": ips,
-            "step_ms_median": med * 1e3,
-            "step_ms_all": [t * 1e3 for t in times],
-            "compile_s": compile_s,
-            "gflops_analytic": gflops,
-            "fraction_of_matmul_peak": gflops / peak,
-            "xla_gflop_per_step": xla / 1e9 if xla else None,
-        }
-        print(
-            f"{which:6s} {ips:7.1f} images/s  {med * 1e3:7.1f} ms/step  compile {compile_s:5.1f} s"
-            f"  {gflops:6.1f} GFLOP/s = {gflops / peak:.0%} of matmul peak"
-        )
+    results: dict = {}
+    # Interleaved rounds: each round measures every (implementation, step) once, so that a
+    # change in the machine's load hits all of them alike.
+    for r in range(args.rounds):
+        for impl in args.impls.split(","):
+            cfg = npz_config.get_config()
+            cfg.model.conv_impl = impl
+            for which in args.which.split(","):
+                if which not in BENCHES:
+                    raise SystemExit(f"unknown --which {which!r}; valid: {sorted(BENCHES)}")
+                med, times, compile_s, xla = BENCHES[which](
+                    cfg, args.batch, args.size, args.steps, args.warmup
+                )
+                ips = args.batch / med
+                gflops = ips * GFLOP_PER_TRAIN_IMAGE * (args.size / 64) ** 2
+                results.setdefault(f"{which}/{impl}", []).append(
+                    {
+                        "images_per_s": ips,
+                        "step_ms_median": med * 1e3,
+                        "step_ms_all": [t * 1e3 for t in times],
+                        "compile_s": compile_s,
+                        "gflops_analytic": gflops,
+                        "fraction_of_matmul_peak": gflops / peak,
+                        "xla_gflop_per_step": xla / 1e9 if xla else None,
+                    }
+                )
+                print(
+                    f"round {r} {which:6s} {impl:6s} {ips:7.1f} images/s  {med * 1e3:7.1f} "
+                    f"ms/step  compile {compile_s:5.1f} s  {gflops / peak:.0%} of matmul peak",
+                    flush=True,
+                )
+    summary = {
+        key: statistics.median(x["images_per_s"] for x in rounds) for key, rounds in results.items()
+    }
+    impls = args.impls.split(",")
+    ratios = {
+        f"{which}: {a} / {impls[0]}": summary[f"{which}/{a}"] / summary[f"{which}/{impls[0]}"]
+        for which in args.which.split(",")
+        for a in impls[1:]
+    }
+    for k, v in ratios.items():
+        print(f"{k} = {v:.2f}x")
+    cfg = npz_config.get_config()
     params = sum(x.size for x in jax.tree.leaves(models.init(cfg.model, NUM_CLASSES, 0)[1]))
     out = {
         "workload": "W1 unet64 train step",
@@ -208,6 +239,9 @@ def main() -> None:
         "parameters": int(params),
         "matmul_2048_gflops": peak,
         "results": results,
+        "median_images_per_s": summary,
+        "ratios": ratios,
+        "cpu_model": cpu_model(),
         "config": cfg.to_dict(),
         **environment(),
     }

@@ -14,6 +14,7 @@ import ml_collections
 from flax import nnx
 from ml_collections import config_dict
 
+from clseg_jax.kernels import select
 from clseg_jax.models import bisenet, deeplab, resnet, unet
 
 # Tiny CPU variants (tests, smoke runs): ResNet-18-style BasicBlocks at an eighth of the width.
@@ -107,7 +108,7 @@ def init_key(seed: int) -> jax.Array:
 
 def make(cfg: ml_collections.ConfigDict, num_classes: int, seed: int | jax.Array) -> nnx.Module:
     """Builds ``MODELS[cfg.name]`` eagerly, with the head sized to ``num_classes``; ``seed`` is an
-    int or an ``init_key``."""
+    int or an ``init_key``. ``cfg.conv_impl`` (default ``xla``) picks the convolutions."""
     kwargs = dict(cfg.kwargs)
     valid = set(_defaults(cfg.name))
     unknown = sorted(set(kwargs) - valid)
@@ -116,8 +117,16 @@ def make(cfg: ml_collections.ConfigDict, num_classes: int, seed: int | jax.Array
         raise ValueError(
             f"model {cfg.name!r} takes no model.kwargs {unknown}; its kwargs: {sorted(valid)}"
         )
+    impl = cfg.get("conv_impl", "xla")
+    if impl == "auto":  # setup resolves it with the run's mesh; here one device is assumed
+        impl = select.resolve(impl, dtype=str(kwargs.get("dtype") or "float32"), devices=1)
+    select.check(impl)
     key = init_key(seed) if isinstance(seed, int) else seed
-    return MODELS[cfg.name](num_classes=num_classes, rngs=nnx.Rngs(key), **kwargs)
+    model = MODELS[cfg.name](num_classes=num_classes, rngs=nnx.Rngs(key), **kwargs)
+    # A static attribute of every conv layer: part of the graphdef, so the forward function
+    # built from it traces the chosen convolution.
+    model.set_attributes(conv_impl=impl, raise_if_not_found=False)
+    return model
 
 
 def init(

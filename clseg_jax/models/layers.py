@@ -19,6 +19,39 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from clseg_jax.kernels import onednn
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    strides: tuple[int, int] = (1, 1),
+    padding: Pads | str = "SAME",
+    dilation: tuple[int, int] = (1, 1),
+    impl: str = "xla",
+) -> jax.Array:
+    """``x [N,H,W,I] * kernel [KH,KW,I,O] -> [N,OH,OW,O]``: every convolution of the models.
+
+    ``impl`` (``model.conv_impl`` resolved, see ``kernels/select.py``): ``"xla"`` or
+    ``"onednn"``.
+    """
+    if padding == "SAME":
+        window = [d * (k - 1) + 1 for k, d in zip(kernel.shape[:2], dilation, strict=True)]
+        padding = tuple(jax.lax.padtype_to_pads(x.shape[1:3], window, strides, "SAME"))
+    if impl == "onednn":
+        return onednn.conv2d(x, kernel, strides, padding, dilation)
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=strides,
+        padding=padding,
+        rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
 
 def torch_uniform(fan_in: int):
     """Initializer: uniform in +-1/sqrt(fan_in) (PyTorch's default for conv weights and biases)."""
@@ -60,6 +93,8 @@ class Conv(nnx.Module):
         if sum(self.in_splits) != in_features:
             raise ValueError(f"in_splits {self.in_splits} must sum to in_features {in_features}")
         self.dtype = dtype
+        # Set on the whole model by models.make (nnx set_attributes), not per layer.
+        self.conv_impl = "xla"
 
     def __call__(self, *xs: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
@@ -67,12 +102,8 @@ class Conv(nnx.Module):
         out = None
         start = 0
         for x, c in zip(xs, self.in_splits, strict=True):
-            y = jax.lax.conv_general_dilated(
-                x.astype(dtype),
-                kernel[:, :, start : start + c].astype(dtype),
-                window_strides=(1, 1),
-                padding="SAME",
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            y = conv2d(
+                x.astype(dtype), kernel[:, :, start : start + c].astype(dtype), impl=self.conv_impl
             )
             out = y if out is None else out + y
             start += c

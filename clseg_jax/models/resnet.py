@@ -89,17 +89,18 @@ class Conv(nnx.Module):
         self.dilation = dilation
         self.pad = dilation * (kernel_size // 2)
         self.dtype = dtype
+        self.conv_impl = "xla"  # set on the whole model by models.make
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
         p = self.pad
-        return jax.lax.conv_general_dilated(
+        return layers.conv2d(
             x.astype(dtype),
             self.kernel[...].astype(dtype),
-            window_strides=(self.stride, self.stride),
+            strides=(self.stride, self.stride),
             padding=((p, p), (p, p)),
-            rhs_dilation=(self.dilation, self.dilation),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            dilation=(self.dilation, self.dilation),
+            impl=self.conv_impl,
         )
 
 

@@ -108,6 +108,8 @@ class Env(NamedTuple):
       input_norm: how ``forward`` normalises uint8 images ("symmetric": to [-1, 1]).
       stop: ``stop() -> bool``, whether the run was asked to stop; a hook that loops for long
         (synthesis) checks it and raises ``stopping.Stopped``.
+      conv_impl: who computes the model's convolutions (``"xla"`` or ``"onednn"``), for a
+        strategy that convolves with model parameters itself (PLOP's head).
     """
 
     forward: Forward
@@ -121,6 +123,7 @@ class Env(NamedTuple):
     graphdef: Any = None
     input_norm: str = "symmetric"
     stop: Callable[[], bool] = stopping.never
+    conv_impl: str = "xla"
 
 
 def hparam(value: Any) -> float | jax.Array:

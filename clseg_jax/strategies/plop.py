@@ -75,6 +75,7 @@ import numpy as np
 from absl import logging
 
 from clseg_jax import losses, rows
+from clseg_jax.models import layers
 from clseg_jax.strategies import base, importance, mib, snapshot
 
 PyTree = Any
@@ -163,13 +164,10 @@ def pod_loss(
     return total / len(old_maps)
 
 
-def head_logits(head: PyTree, penultimate: jax.Array) -> jax.Array:
+def head_logits(head: PyTree, penultimate: jax.Array, impl: str = "xla") -> jax.Array:
     """The classifier on ``penultimate [B,h,w,C']`` before any upsampling: ``[B,h,w,K]``."""
     kernel = head["kernel"].astype(jnp.float32)
-    dims = ("NHWC", "HWIO", "NHWC")
-    out = jax.lax.conv_general_dilated(
-        penultimate.astype(jnp.float32), kernel, (1, 1), "SAME", dimension_numbers=dims
-    )
+    out = layers.conv2d(penultimate.astype(jnp.float32), kernel, impl=impl)
     return out + head["bias"].astype(jnp.float32) if head.get("bias") is not None else out
 
 
@@ -318,8 +316,10 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
         factors = [pod_factor] * len(old_maps)
         if use_logits:
             new_mask = inputs.class_mask & ~snap.class_mask
-            old_small = head_logits(snap.params["head"], old["penultimate"])
-            new_small = head_logits(inputs.params["head"], inputs.outputs["penultimate"])
+            old_small = head_logits(snap.params["head"], old["penultimate"], env.conv_impl)
+            new_small = head_logits(
+                inputs.params["head"], inputs.outputs["penultimate"], env.conv_impl
+            )
             old_maps.append(jnp.where(snap.class_mask, old_small, 0.0))
             new_maps.append(fold_new_into_background(new_small, snap.class_mask, new_mask))
             factors.append(logits_factor)
