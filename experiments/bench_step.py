@@ -1,6 +1,10 @@
 """W1 of BENCHMARKS.md: the `unet64` train step, bare and through the `naive` strategy.
 
-    python experiments/bench_step.py --out experiments/results/bench_step.json
+    python experiments/bench_step.py --torch --out experiments/results/bench_step.json
+
+Each ``model.conv_impl`` of ``--impls`` (default: ``xla,onednn``) and, with ``--torch``, PyTorch
+``channels_last`` (experiments/baselines/torch_step.py, in the PyTorch venv) are measured once
+per round, ``--rounds`` interleaved rounds; ratios are of the medians over rounds.
 
 Measures, in one process: steady-state images/s (median step time over >= 20 steps after warm-up,
 each timed after ``block_until_ready``), compile seconds (ahead-of-time), achieved GFLOP/s from the
@@ -17,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from importlib import metadata
@@ -162,6 +167,19 @@ def bench_naive(cfg, batch_size: int, size: int, steps: int, warmup: int):
 
 
 BENCHES = {"bare": bench_bare, "naive": bench_naive}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCH_PYTHON = os.path.join(ROOT, ".venv-baselines", "bin", "python")
+
+
+def torch_step(python: str, batch: int, size: int, steps: int, warmup: int) -> dict:
+    """PyTorch channels_last's W1 step timed in its own process (experiments/baselines)."""
+    script = os.path.join(ROOT, "experiments", "baselines", "torch_step.py")
+    argv = [python, script, f"--batch={batch}", f"--size={size}", f"--steps={steps}"]
+    proc = subprocess.run([*argv, f"--warmup={warmup}"], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"--torch: the PyTorch step failed: {proc.stderr.strip()[-500:]}")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
 
 
 def cpu_model() -> str:
@@ -184,14 +202,33 @@ def main() -> None:
         "--impls", default="xla,onednn", help="model.conv_impl values, compared in one run"
     )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--torch",
+        nargs="?",
+        const=TORCH_PYTHON,
+        default=None,
+        help="also time PyTorch channels_last's W1 step in each round, with this Python "
+        f"(default {TORCH_PYTHON}, `make baselines`' venv); fails if it is missing",
+    )
     parser.add_argument("--out", default="experiments/results/bench_step.json")
     args = parser.parse_args()
 
+    if args.torch and not os.path.exists(args.torch):
+        raise SystemExit(
+            f"--torch: {args.torch} does not exist; create the PyTorch venv (`make baselines`) "
+            "or pass its python"
+        )
     peak = matmul_gflops()
     results: dict = {}
     # Interleaved rounds: each round measures every (implementation, step) once, so that a
     # change in the machine's load hits all of them alike.
     for r in range(args.rounds):
+        if args.torch:
+            t = torch_step(args.torch, args.batch, args.size, args.steps, args.warmup)
+            ips = args.batch / t["step_s_median"]
+            t["images_per_s"] = ips
+            results.setdefault("torch/channels_last", []).append(t)
+            print(f"round {r} torch  channels_last {ips:7.1f} images/s", flush=True)
         for impl in args.impls.split(","):
             cfg = npz_config.get_config()
             cfg.model.conv_impl = impl
@@ -228,6 +265,15 @@ def main() -> None:
         for which in args.which.split(",")
         for a in impls[1:]
     }
+    if args.torch:  # the claim against PyTorch only from a run where PyTorch ran
+        torch_ips = summary["torch/channels_last"]
+        ratios.update(
+            {
+                f"{which}: {impl} / torch channels_last": summary[f"{which}/{impl}"] / torch_ips
+                for which in args.which.split(",")
+                for impl in impls
+            }
+        )
     for k, v in ratios.items():
         print(f"{k} = {v:.2f}x")
     cfg = npz_config.get_config()

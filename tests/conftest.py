@@ -14,10 +14,13 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".pytest_cache", "xla-cache")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-# The oneDNN kernel's threads: the cores shared out among pytest-xdist's workers, so that two
-# workers on two cores do not run four convolution threads (clseg_jax/kernels/onednn.py).
-_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("CLSEG_ONEDNN_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
+# The oneDNN kernel's threads: the cores shared out among pytest-xdist's workers (set in each
+# worker: the controller's environment is inherited by the workers), so that two workers on two
+# cores do not run four convolution threads. A convolution's rounding depends on its thread count
+# (clseg_jax/kernels/onednn.py), so every test run here computes the same numbers.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("CLSEG_ONEDNN_THREADS", str(max(1, _share)))
 
 # anyio is a pytest plugin, so pytest rewrites its modules on import; Starlette's FileResponse
 # imports anyio's file module lazily, and that import (an ast.parse) racing another thread's

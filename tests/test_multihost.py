@@ -2,8 +2,8 @@
 own CPU devices, launched through the command line as a user launches a TPU VM's workers.
 
 A 2-process run (2 devices each) equals the 1-process run on the same 4 devices, for a
-segmentation stream with ``ewc+replay`` (herding) and for a multi-label stream; when one process dies
-mid-experience the other exits with one line instead of hanging, and the same launch again
+segmentation stream with ``ewc+replay`` (herding) and for a multi-label stream; when one process
+dies mid-experience the other exits with one line instead of hanging, and the same launch again
 resumes and ends where the uninterrupted run ends.
 """
 

@@ -21,13 +21,14 @@ def _element(tensor: str) -> str:
     return tensor[len("tensor<") : -1].split("x")[-1]
 
 
-def _config(task: str, policy: str):
+def _config(task: str, policy: str, conv_impl: str = "auto"):
     if task == "segmentation":
-        return tiny.config(precision=policy)
+        return tiny.config(precision=policy, **{"model.conv_impl": conv_impl})
     cfg = split_digits.get_config()
     cfg.data.classes_per_step, cfg.data.train_per_exp, cfg.data.test_per_exp = (5, 5), 24, 8
     cfg.model.kwargs.widths = (4, 8, 8, 8)
     cfg.precision = policy
+    cfg.model.conv_impl = conv_impl
     return cfg
 
 
@@ -39,10 +40,14 @@ def _float_dtypes(tree) -> set:
 def test_policy_puts_every_convolution_and_matmul_of_the_step_in_bf16(task):
     """The lowered train step (forward and backward): under ``bfloat16`` every convolution and
     dot_general takes bf16 operands, under ``float32`` none does; parameters, optimizer state,
-    BatchNorm statistics and strategy state are float32 either way."""
+    BatchNorm statistics and strategy state are float32 either way. (float32 with XLA's
+    convolutions: on this CPU ``auto`` hands them to oneDNN custom calls, tests/test_onednn.py.)
+    """
     ops = {}
     for policy in ("bfloat16", "float32"):
-        parts = setup.build(_config(task, policy))
+        parts = setup.build(
+            _config(task, policy, conv_impl="xla" if policy == "float32" else "auto")
+        )
         text = setup.lower_step(parts).as_text()
         ops[policy] = [(m[1], _element(m[2]), _element(m[3])) for m in _OP.finditer(text)]
         state = parts.arrays["state"]
