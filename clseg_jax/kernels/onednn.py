@@ -23,7 +23,6 @@ import ctypes
 import functools
 import os
 import sys
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,19 +86,12 @@ def threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def output_shape(
-    x_shape: Sequence[int], k_shape: Sequence[int], strides, padding: Pads, dilation
-) -> tuple[int, int, int, int]:
-    """``[N,OH,OW,O]`` of a convolution (lax's shape rule)."""
-    n, h, w, _ = x_shape
-    kh, kw, _, o = k_shape
-    size = lambda i, k, s, p, d: (i + p[0] + p[1] - (d * (k - 1) + 1)) // s + 1
-    return (
-        n,
-        size(h, kh, strides[0], padding[0], dilation[0]),
-        size(w, kw, strides[1], padding[1], dilation[1]),
-        o,
+def output_shape(x: jax.Array, k: jax.Array, strides, padding: Pads, dilation) -> tuple[int, ...]:
+    """``[N,OH,OW,O]``: lax's own shape rule for the same convolution (abstract, no compute)."""
+    conv = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, strides, padding, rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
+    return jax.eval_shape(conv, x, k).shape
 
 
 def _call(target: str, shape, a, b, geometry) -> jax.Array:
@@ -134,7 +126,7 @@ def _batched(call):
 
 
 def _forward(geometry, x, k):
-    shape = output_shape(x.shape, k.shape, *geometry)
+    shape = output_shape(x, k, *geometry)
     return _call("clseg_conv_forward", shape, x, k, geometry)
 
 

@@ -20,8 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clseg_jax.kernels import onednn
-
-Pads = tuple[tuple[int, int], tuple[int, int]]
+from clseg_jax.kernels.onednn import Pads
 
 
 def conv2d(
