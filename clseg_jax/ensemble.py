@@ -113,9 +113,9 @@ def build(config: ml_collections.ConfigDict, stop: Callable[[], bool] = stopping
         ms,
         parts,
         datasets,
-        jax.device_put(stack([p.arrays for p in parts]), shardings),
+        sharding.put(stack([p.arrays for p in parts]), shardings),
         shardings,
-        jax.device_put(hparams, members.placement(p0.mesh)),
+        sharding.put(hparams, members.placement(p0.mesh)),
         evaluator,
         chunk,
         shared,
@@ -188,7 +188,7 @@ def fresh_accumulators(e: Ensemble) -> tuple[Any, step_lib.Monitor]:
     n = len(e.members)
     empty = (step_lib.TrainMetrics.empty(), step_lib.new_monitor())
     stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), empty)
-    return jax.device_put(stacked, members.placement(e.mesh))
+    return sharding.put(stacked, members.placement(e.mesh))
 
 
 def _step_structs(e: Ensemble) -> tuple:
@@ -246,7 +246,7 @@ def begin_phase(e: Ensemble, state: step_lib.TrainState, sstate, phase: base.Pha
         setup.begin_phase(p, members.take(state, m), members.take(sstate, m), phase)
         for m, p in enumerate(e.parts)
     ]
-    return jax.device_put(stack(out), (e.shardings["state"], e.shardings["sstate"]))
+    return sharding.put(stack(out), (e.shardings["state"], e.shardings["sstate"]))
 
 
 def end_phase(e: Ensemble, state: step_lib.TrainState, sstate, phase: base.Phase):
@@ -255,7 +255,7 @@ def end_phase(e: Ensemble, state: step_lib.TrainState, sstate, phase: base.Phase
         setup.end_phase(p, members.take(state, m), members.take(sstate, m), phase)
         for m, p in enumerate(e.parts)
     ]
-    return jax.device_put(stack(out), e.shardings["sstate"])
+    return sharding.put(stack(out), e.shardings["sstate"])
 
 
 def split(progress: results.Progress, m: int) -> results.Progress:

@@ -124,7 +124,7 @@ class Evaluator:
             return ()
         if sstate is None:
             raise ValueError("this Evaluator scores with a strategy's predict: pass its sstate")
-        return jax.device_put(sstate, self._stat)
+        return sharding.put(sstate, self._stat)
 
     def _batch_struct(self) -> dict[str, jax.ShapeDtypeStruct]:
         x = self.stream.experiences[0].test[0]
@@ -266,8 +266,8 @@ class ConfusionEvaluator(Evaluator):
         if self._compiled is None:
             self.compile(params, batch_stats, sstate)
         st = self._sstate(sstate)
-        conf = jax.device_put(jnp.zeros(self._conf_shape(), jnp.int32), self._stat)
-        mask = jax.device_put(jnp.asarray(class_mask), self._repl)
+        conf = sharding.put(jnp.zeros(self._conf_shape(), jnp.int32), self._stat)
+        mask = sharding.put(jnp.asarray(class_mask), self._repl)
         for batch in self._batches(source, visible):
             conf = self._compiled(params, batch_stats, conf, batch, mask, st)
         return np.asarray(jax.device_get(conf))

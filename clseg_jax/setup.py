@@ -249,7 +249,7 @@ def build(
         datasets,
         tx,
         tx_init,
-        jax.device_put(arrays, shardings),
+        sharding.put(arrays, shardings),
         evaluator,
         task_il,
     )
@@ -298,13 +298,13 @@ def begin_phase(
     )
     state = state._replace(params=params, opt_state=opt_state)
     # Hooks run on the host and may return arrays placed anywhere.
-    return jax.device_put((state, sstate), (parts.shardings["state"], parts.shardings["sstate"]))
+    return sharding.put((state, sstate), (parts.shardings["state"], parts.shardings["sstate"]))
 
 
 def end_phase(parts: Parts, state: step_lib.TrainState, sstate, phase: base.Phase):
     """The strategy's ``after_phase``, its state placed where the compiled step expects it."""
     sstate = parts.strategy.after_phase(state.params, state.batch_stats, sstate, phase)
-    return jax.device_put(sstate, parts.shardings["sstate"])
+    return sharding.put(sstate, parts.shardings["sstate"])
 
 
 # The rest of the room functions ``train.run`` calls; ``clseg_jax/ensemble.py`` has an

@@ -58,7 +58,7 @@ def new_monitor() -> Monitor:
 def fresh_accumulators(mesh) -> tuple[TrainMetrics, Monitor]:
     """Empty metrics and monitor placed as ``jit_train_step`` returns them (replicated): fresh
     uncommitted ones would give the jitted step a second cache key, so it compiled twice."""
-    return jax.device_put((TrainMetrics.empty(), new_monitor()), sharding.replicated(mesh))
+    return sharding.put((TrainMetrics.empty(), new_monitor()), sharding.replicated(mesh))
 
 
 # ImageNet channel statistics (torchvision's), for backbones converted from ImageNet weights.

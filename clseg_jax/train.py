@@ -193,7 +193,7 @@ class _Run:
         if progress.iterator is not None:
             iterator.set_state(progress.iterator)
         repl = sharding.replicated(parts.mesh)
-        mask = jax.device_put(jnp.asarray(phase.class_mask), repl)
+        mask = sharding.put(jnp.asarray(phase.class_mask), repl)
         rng = self.arrays["rng"]
         metrics, monitor = self.room.fresh_accumulators(parts)
         n_steps = len(dataset)

@@ -40,7 +40,7 @@ FILE_COST_S = {
     "test_behaviour.py": 160,
     "test_behaviour_multilabel.py": 100,
     "test_ensemble.py": 88,
-    "test_multihost.py": 90,  # measured alone, 2026-12-06 (its processes use both cores)
+    "test_multihost.py": 82,  # measured alone, 2026-12-06 (its processes use both cores)
     "test_serve_reliability.py": 81,
     "test_ci_models.py": 73,
     "test_deepinversion.py": 51,

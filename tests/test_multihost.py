@@ -139,7 +139,12 @@ def test_a_dead_peer_ends_the_run_in_one_line_and_the_rerun_resumes(segmentation
     checkpoint of its second): process 0 exits within 30 s with one line instead of hanging;
     the same launch again resumes from that checkpoint and ends where the uninterrupted run
     did (both processes gone mid-experience, neither having saved anything partial)."""
-    procs = _launch(SEGMENTATION, tmp_path, 2, {1: ["--config.debug.kill_at_step=11"]})
+    # A 5 s heartbeat (10 by default) for this launch only: the wait for the watchdog is the
+    # test's longest idle stretch, and its processes are otherwise busy on both cores.
+    beat = ["--config.distributed.heartbeat_s=5"]
+    procs = _launch(
+        SEGMENTATION, tmp_path, 2, {0: beat, 1: [*beat, "--config.debug.kill_at_step=11"]}
+    )
     procs[1].wait(timeout=240)
     died = time.monotonic()
     rc, err = _wait(procs[:1], ok=False, timeout=60)[0]

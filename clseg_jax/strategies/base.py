@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clseg_jax import stopping, tasks
+from clseg_jax import sharding, stopping, tasks
 
 PyTree = Any
 Batch = dict[str, jax.Array]  # "image" [B,H,W,3] uint8, "label" [B,H,W] int (255 = ignore)
@@ -209,7 +209,7 @@ def place_like(new: PyTree, old: PyTree, cast: bool = True) -> PyTree:
                 x = x.astype(dtype)
         else:
             x = np.asarray(x, dtype)
-        return jax.device_put(x, like.sharding) if like.committed else jax.device_put(x)
+        return sharding.put(x, like.sharding) if like.committed else jax.device_put(x)
 
     return jax.tree.map(put, new, old)
 
