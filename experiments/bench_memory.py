@@ -33,6 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clseg_jax import models, strategies
 from clseg_jax import step as step_lib
+from clseg_jax.kernels import select
+from clseg_jax.models import layers
 from clseg_jax.solvers import qp
 from clseg_jax.strategies import base
 from configs import w2
@@ -162,7 +164,8 @@ def qp_share(size: int, batch_size: int, gem_step_s: float) -> dict:
     return {"params": n, "project_s": s, "share_of_gem_step": s / gem_step_s}
 
 
-def conv_in_cond() -> dict:
+def conv_in_cond(impl: str = "xla") -> dict:
+    """A 4-conv gradient plain and inside ``lax.cond``, with XLA's or oneDNN's convolutions."""
     k = jax.random.PRNGKey(0)
     x = jax.random.normal(k, (32, 32, 32, 16))
     w = jax.random.normal(k, (3, 3, 16, 16))
@@ -170,17 +173,13 @@ def conv_in_cond() -> dict:
     def f(w):
         y = x
         for _ in range(4):
-            y = jax.nn.relu(
-                lax.conv_general_dilated(
-                    y, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-                )
-            )
+            y = jax.nn.relu(layers.conv2d(y, w, impl=impl))
         return jnp.sum(y)
 
     g = jax.grad(f)
     plain = jax.jit(g)
     cond = jax.jit(lambda w, b: lax.cond(b, lambda: g(w), lambda: jnp.zeros_like(w)))
-    out = {}
+    out = {"conv_impl": impl}
     for name, fn, args in (("plain_s", plain, (w,)), ("in_cond_s", cond, (w, True))):
         jax.block_until_ready(fn(*args))
         t0 = time.perf_counter()
@@ -188,7 +187,10 @@ def conv_in_cond() -> dict:
             jax.block_until_ready(fn(*args))
         out[name] = (time.perf_counter() - t0) / 5
     out["slowdown"] = out["in_cond_s"] / out["plain_s"]
-    print(f"conv grad: plain {out['plain_s'] * 1e3:.1f} ms, in lax.cond x{out['slowdown']:.1f}")
+    print(
+        f"conv grad ({impl}): plain {out['plain_s'] * 1e3:.1f} ms, "
+        f"in lax.cond x{out['slowdown']:.1f}"
+    )
     return out
 
 
@@ -199,7 +201,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps-per-round", type=int, default=4)
     parser.add_argument("--out", default="experiments/results/bench_memory.json")
+    parser.add_argument("--cond-only", action="store_true", help="part 3 alone (printed, no JSON)")
     args = parser.parse_args()
+    if args.cond_only:
+        conv_in_cond("xla")
+        conv_in_cond("onednn")
+        return
     steps = step_costs(args.size, args.batch_size, args.rounds, args.steps_per_round)
     gem_step = steps["naive_step_s"] * steps["gem"]["per_phase"][-1]["ratio"]
     result = {
@@ -210,7 +217,10 @@ def main() -> None:
         "load_avg": os.getloadavg(),
         "steps": steps,
         "qp": qp_share(args.size, args.batch_size, gem_step),
-        "conv_in_cond": conv_in_cond(),
+        "conv_in_cond": conv_in_cond("xla"),
+        "conv_in_cond_onednn": conv_in_cond("onednn")
+        if select.why_not_onednn("float32", 1) is None
+        else None,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

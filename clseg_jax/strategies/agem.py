@@ -53,11 +53,12 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
                 lambda: jnp.zeros_like(g),
             )
 
-        def straight(any_ok):  # see gem.py: XLA:CPU runs convolutions in a cond as plain loops
+        def straight(any_ok):  # gem.py: XLA:CPU runs its convolutions in a cond as plain loops
             del any_ok
             return gem.memory_gradient(env.forward, env.task, inputs, rows, ok)
 
-        g_ref = lax.platform_dependent(jnp.any(ok), cpu=straight, default=ref_grad)
+        cpu = ref_grad if gem.control_flow_is_free(env) else straight
+        g_ref = lax.platform_dependent(jnp.any(ok), cpu=cpu, default=ref_grad)
         return unravel(qp.agem_project(g, g_ref))
 
     return base.Strategy(

@@ -10,11 +10,13 @@ chained penalty).
 Blocks exist for the first T-1 experiences only (the last one's memory would never be used).
 On accelerators the memory gradients run one block after another (``lax.map``), each behind a
 ``lax.cond`` on whether the block holds rows, so a step pays only for the experiences seen so far.
-XLA:CPU emits convolutions inside control flow as plain loops (``experiments/bench_memory.py``
-measured a conv gradient 37x slower inside ``lax.cond``), so on CPU every block is computed as
-straight-line code and empty blocks are masked out instead. The QP runs only when a constraint is
-violated. Memory forwards use train-mode normalisation (batch statistics of the block, as the
-reference computes them) and their BatchNorm updates are dropped.
+XLA:CPU emits its own convolutions inside control flow as plain loops (``experiments/
+bench_memory.py`` measured a conv gradient 37x slower inside ``lax.cond``), so on CPU with
+``conv_impl="xla"`` every block is computed as straight-line code and empty blocks are masked out
+instead; oneDNN's convolutions (custom calls) run as fast inside ``lax.cond`` as outside (1.0x,
+same benchmark), so with ``conv_impl="onednn"`` the CPU takes the accelerators' path. The QP
+runs only when a constraint is violated. Memory forwards use train-mode normalisation (batch
+statistics of the block, as the reference computes them) and their BatchNorm updates are dropped.
 """
 
 from __future__ import annotations
@@ -87,6 +89,12 @@ def memory_gradients(
     return jnp.stack([jnp.where(filled[k], block_grad(k), 0.0) for k in range(blocks)])
 
 
+def control_flow_is_free(env: base.Env) -> bool:
+    """Whether the CPU may skip work with ``lax.cond`` / ``lax.map`` (module docstring): yes with
+    oneDNN's convolutions, no with XLA:CPU's."""
+    return env.conv_impl == "onednn"
+
+
 def fill_block(env: base.Env, blocks: int, salt: int):
     """``after_phase``: experience i's random rows into memory block i (GEM, A-GEM); the last
     experience's memory would never be used, so it is not stored."""
@@ -123,7 +131,9 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
         filled = jnp.any(sstate.valid.reshape(blocks, q), axis=1)
         G = lax.platform_dependent(
             filled,
-            cpu=lambda f: memory_gradients(env, inputs, sstate, f, q, skip=False),
+            cpu=lambda f: memory_gradients(
+                env, inputs, sstate, f, q, skip=control_flow_is_free(env)
+            ),
             default=lambda f: memory_gradients(env, inputs, sstate, f, q, skip=True),
         )
         return unravel(qp.gem_project(g, G, filled, cfg.gem_margin, cfg.gem_eps))
