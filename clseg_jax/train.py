@@ -57,13 +57,16 @@ class Hooks(NamedTuple):
     between a synthesis's iterations; when it says so, the run saves a checkpoint and returns
     ``{}`` (as on SIGTERM). ``handle_sigterm``:
     False leaves SIGTERM to the caller (a Celery worker's warm shutdown), which stops the run
-    through ``should_stop``.
+    through ``should_stop``. ``should_cancel()``: polled where ``should_stop`` is; when it says
+    so, the run returns ``{}`` at once and saves nothing (a cancelled job's work is dropped, and
+    its step in flight is the last).
     """
 
     on_log: Callable[[dict], None] | None = None
     on_checkpoint: Callable[[str, dict], None] | None = None
     should_stop: Callable[[], bool] | None = None
     handle_sigterm: bool = True
+    should_cancel: Callable[[], bool] | None = None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks | None = None) -> dict:
@@ -90,6 +93,7 @@ class _Run:
         self.workdir = paths.resolve(workdir)  # local or gs:// (clseg_jax/paths.py)
         self.counter = counter
         self.stop_requested = False
+        self.cancelled = False
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.room = ensemble if members.enabled(config) else setup
         self.parts = self.room.build(config, stop=self._should_stop)
@@ -111,9 +115,12 @@ class _Run:
         )
 
     def _should_stop(self) -> bool:
-        """SIGTERM or the caller's ``should_stop``: what long hooks check (``Env.stop``)."""
+        """SIGTERM or the caller's ``should_stop`` / ``should_cancel``: what long hooks check
+        (``Env.stop``)."""
         if self.hooks.should_stop is not None and self.hooks.should_stop():
             self.stop_requested = True
+        if self.hooks.should_cancel is not None and self.hooks.should_cancel():
+            self.cancelled = self.stop_requested = True
         return self.stop_requested
 
     def __enter__(self):
@@ -217,7 +224,11 @@ class _Run:
             global_step += 1  # host-side mirror of state.step: reading that would sync
             bar.update(1)
             save_now = cfg.checkpoint_every_steps > 0 and s % cfg.checkpoint_every_steps == 0
-            self._should_stop()
+            if self._should_stop() and self.cancelled:
+                logging.warning("cancelled at step %d of phase %d: nothing saved", s, phase.index)
+                bar.close()
+                iterator.close()
+                return None
             if s % cfg.log_every_steps == 0 or s == n_steps or save_now or self.stop_requested:
                 metrics = self._log(global_step, metrics, monitor, phase, bar, (s, n_steps))
                 self._announce()
@@ -244,6 +255,8 @@ class _Run:
         try:
             sstate = self.room.end_phase(parts, state, sstate, phase)
         except stopping.Stopped as e:
+            if self.cancelled:
+                return None
             # The state the training ended with: a resumed run redoes every end-of-phase hook.
             logging.warning("%s: saving a checkpoint at the end of the phase's steps", e)
             self.arrays = {"state": state, "sstate": sstate, "rng": rng}
@@ -257,6 +270,8 @@ class _Run:
             state.params, state.batch_stats, sstate, phase, task_il=parts.task_il
         )
         timing["eval_s"] += time.perf_counter() - t0
+        if self._should_stop() and self.cancelled:
+            return None
         row = [parts.evaluator.score(c, j) for j, c in enumerate(ev.row)]
         metric = parts.task.metric
         logging.info(

@@ -170,6 +170,21 @@ def test_sigterm_saves_then_exits_cleanly(tmp_path):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
 
 
+def test_a_cancel_stops_after_the_step_in_flight_and_saves_nothing(tmp_path):
+    """``Hooks.should_cancel`` (the service's cancel) is polled once per step: the run returns
+    ``{}`` right after the step during which it said so, and writes nothing more (the periodic
+    save of step 4 stays the latest; no results.json)."""
+    polls = iter(range(1, 10**6))
+    cancel_after = 5
+    hooks = train.Hooks(should_cancel=lambda: next(polls) >= cancel_after)
+    cfg = tiny.config(**{"checkpoint_every_steps": 4})
+    assert train.run(cfg, str(tmp_path), hooks) == {}
+    assert next(polls) == cancel_after + 1  # no step ran after the cancel was seen
+    _, meta = _read(str(tmp_path))
+    assert (meta["phase"], meta["step_in_phase"]) == (0, 4)
+    assert not os.path.exists(tmp_path / "results.json")
+
+
 def test_sigterm_during_a_synthesis_stops_within_seconds_and_resumes(tmp_path):
     """DeepInversion after phase 0 with 100,000 iterations (hours here): SIGTERM once the phase's
     two steps are logged must end the run within seconds, with a checkpoint at the end of the
