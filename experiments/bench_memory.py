@@ -31,7 +31,7 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clseg_jax import models, strategies
+from clseg_jax import models, setup, strategies
 from clseg_jax import step as step_lib
 from clseg_jax.kernels import select
 from clseg_jax.models import layers
@@ -78,7 +78,10 @@ class _Variant:
         cfg = w2.get_config(f"strategy={name}")
         cfg.strategy.replay_batch = batch_size
         self.hparams = cfg.strategy
-        graphdef, params, stats = models.init(cfg.model, NUM_CLASSES, seed=0)
+        # conv_impl resolved as a run resolves it (oneDNN on this CPU when built), and the
+        # same value in the Env: GEM / A-GEM pick their CPU path from it.
+        model_cfg = setup.model_config(cfg, 1)
+        graphdef, params, stats = models.init(model_cfg, NUM_CLASSES, seed=0)
         forward = step_lib.make_forward(graphdef)
         self.forward, self.params, self.stats = forward, params, stats
         env = base.Env(
@@ -87,6 +90,7 @@ class _Variant:
             EXPERIENCES,
             image_shape=(size, size, 3),
             label_shape=(size, size),
+            conv_impl=model_cfg.conv_impl,
         )
         strategy = strategies.make(cfg.strategy, env)
         tx = step_lib.make_optimizer(cfg.optimizer, 1000)
@@ -213,6 +217,7 @@ def main() -> None:
         "workload": "W2 model and batch (W1 UNet 64x64, batch 32, SGD), 4 experiences",
         "device": str(jax.devices()[0]),
         "backend": jax.default_backend(),
+        "conv_impl": setup.model_config(w2.get_config(), 1).conv_impl,
         "cpu_count": os.cpu_count(),
         "load_avg": os.getloadavg(),
         "steps": steps,
