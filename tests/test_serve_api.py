@@ -9,6 +9,8 @@ predict, and a failing job that ends ``failed``.
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
 import time
 import zipfile
@@ -22,11 +24,17 @@ from sqlalchemy import orm
 from clseg_jax import models, train
 from clseg_jax.data import npz
 from clseg_jax.models import weights as weights_lib
-from clseg_jax.serve import api, db, example, lineage
+from clseg_jax.serve import api, db, example, lineage, store
 from clseg_jax.serve.db import Job
 from clseg_jax.serve.settings import Settings
 
-SPEC = {"image_size": [32, 32], "model_widths": [4, 8], "epochs": 1, "checkpoint_every_steps": 1}
+SPEC = {
+    "image_size": [32, 32],
+    "model_widths": [4, 8],
+    "epochs": 1,
+    "batch_size": 8,
+    "checkpoint_every_steps": 1,
+}
 
 
 def _settings(home, **kw) -> Settings:
@@ -101,6 +109,16 @@ def _wait_for_progress(client, auth, job_id, timeout=120):
 # -- before anything trains -------------------------------------------------------------------
 
 
+def test_trivial_score_is_the_majority_class_predicted_everywhere():
+    """By hand: training masks hold 5 pixels of class 0 and 3 of class 1, so 0 is predicted
+    everywhere; on a test mask with 2, 1 and 1 pixels of classes 0, 1, 2 (and one 255, left
+    out), IoU is 2/4 for class 0 and 0 for 1 and 2: mIoU 1/6. Class 3 is absent: not counted."""
+    y_train = np.array([[[0, 0], [1, 1]], [[0, 0], [0, 1]]], np.uint8)
+    y_test = np.array([[[0, 0, 255], [1, 2, 255]]], np.uint8)
+    got = lineage.trivial_score({"y_train": y_train, "y_test": y_test}, num_classes=4)
+    assert got == pytest.approx(0.5 / 3)
+
+
 def test_every_route_but_health_needs_a_token(idle):
     client, _ = idle
     assert client.get("/health").status_code == 200
@@ -141,7 +159,16 @@ def test_bodies_are_typed_and_closed(idle):
     body["strategy_params"] = {"ewc_lambda": 5}  # an int where a float goes is fine
     assert client.post("/lineages", json=body, headers=auth["alice"]).status_code == 201
     r = client.post("/lineages", json={"name": "x", "image_size": [30, 30]}, headers=auth["alice"])
-    assert r.status_code == 400 and "multiples of 4" in r.json()["detail"]
+    assert r.status_code == 400 and "multiples of 8" in r.json()["detail"]
+    # Values are checked by building the strategy, at creation rather than in the first job.
+    body = {"name": "x", "strategy": "replay", "strategy_params": {"replay_policy": "bogus"}}
+    r = client.post("/lineages", json=body, headers=auth["alice"])
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"]
+    assert "unknown memory selection policy 'bogus'" in detail and "'reservoir'" in detail
+    r = client.post("/lineages", json={"name": "x", "strategy": "icarl"}, headers=auth["alice"])
+    assert r.status_code == 400 and "classification" in r.json()["detail"]
+    assert client.get("/lineages", headers=auth["alice"]).json()[-1]["spec"]["strategy"] == "ewc"
 
 
 def test_uploads_are_checked_with_one_line_errors(idle, experiences):
@@ -157,15 +184,54 @@ def test_uploads_are_checked_with_one_line_errors(idle, experiences):
         "/datasets?num_classes=2", files={"file": ("x.zip", buf.getvalue())}, headers=auth["alice"]
     )
     assert r.status_code == 400 and ".." in r.json()["detail"]
-    big = os.urandom(3 * 2**20)  # over the fixture's 1 MiB limit (+1 MiB of form overhead)
-    r = client.post(
-        "/datasets?num_classes=2", files={"file": ("x.npz", big)}, headers=auth["alice"]
-    )
-    assert r.status_code == 413
-    # Content addressing: the same arrays again are the same dataset.
+    # Content addressing: the same arrays again are the same dataset; with another class count
+    # they are a conflict, not the old row.
     a = _upload(client, auth["alice"], experiences[1]).json()
     b = _upload(client, auth["alice"], experiences[1], name="again.zip").json()
     assert a["id"] == b["id"] and a["sha256"] == b["sha256"]
+    r = _upload(client, auth["alice"], experiences[1], num_classes=3)
+    assert r.status_code == 409 and f"dataset {a['id']} with num_classes=2" in r.json()["detail"]
+
+
+def _form(name: str, payload: bytes) -> tuple[bytes, str]:
+    """A multipart body with one file field, and its content type."""
+    boundary = "clsegboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    return (
+        head + payload + f"\r\n--{boundary}--\r\n".encode(),
+        f"multipart/form-data; boundary={boundary}",
+    )
+
+
+def test_upload_limits_are_exact_and_413_chunked_or_not(idle):
+    """The fixture's limit is 1 MiB: a file of exactly that passes the size check (and fails
+    as data), one byte more is 413 naming the limit in MiB, as is a body over the limit sent
+    with or without a length."""
+    client, auth = idle
+    limit = 2**20
+    message = "upload over the limit of 1 MiB (CLSEG_MAX_UPLOAD_MB=1)"
+    url = "/datasets?num_classes=2"
+    r = client.post(url, files={"file": ("x.npz", b"\0" * limit)}, headers=auth["alice"])
+    assert r.status_code == 400, r.text
+    r = client.post(url, files={"file": ("x.npz", b"\0" * (limit + 1))}, headers=auth["alice"])
+    assert r.status_code == 413 and r.json()["detail"] == message
+    body, kind = _form("x.npz", b"\0" * (3 * limit))
+    headers = {**auth["alice"], "Content-Type": kind}
+    r = client.post(url, content=body, headers=headers)  # with Content-Length
+    assert r.status_code == 413 and r.json()["detail"] == message
+
+    def chunks():  # no length: Transfer-Encoding: chunked
+        for i in range(0, len(body), 64 * 1024):
+            yield body[i : i + 64 * 1024]
+
+    r = client.post(url, content=chunks(), headers=headers)
+    assert r.status_code == 413 and r.json()["detail"] == message
+    small, _ = _form("x.npz", b"\0" * 100)
+    r = client.post(url, content=iter([small]), headers=headers)  # chunked, under the limit
+    assert r.status_code == 400, r.text
 
 
 def test_idempotency_key_returns_the_first_job(idle, experiences):
@@ -188,6 +254,15 @@ def test_idempotency_key_returns_the_first_job(idle, experiences):
     assert (
         client.post(f"/jobs/{first.json()['id']}/cancel", headers=auth["alice"]).status_code == 409
     )
+    # The key stays bound to its job whatever its end (docs/service.md): after the cancel the
+    # same key and body return the cancelled job, and a new submission needs a new key.
+    again = client.post("/jobs", json={"lineage_id": lid, "dataset_id": d0}, headers=headers)
+    assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
+    assert again.json()["state"] == "cancelled"
+    headers["Idempotency-Key"] = "upload-42-retry"
+    retry = client.post("/jobs", json={"lineage_id": lid, "dataset_id": d0}, headers=headers)
+    assert retry.status_code == 202 and retry.json()["state"] == "queued"
+    assert retry.json()["id"] != first.json()["id"]
 
 
 def test_job_checks_dataset_against_lineage(idle, experiences):
@@ -206,7 +281,7 @@ def test_job_checks_dataset_against_lineage(idle, experiences):
 
 
 def test_two_jobs_grow_a_lineage_as_one_run_would(live, experiences, tmp_path):
-    client, auth, _ = live
+    client, auth, home = live
     a = auth["alice"]
     lid = _lineage(client, a, strategy="ewc")
     ids = [
@@ -226,6 +301,13 @@ def test_two_jobs_grow_a_lineage_as_one_run_would(live, experiences, tmp_path):
     R = m["accuracy_matrix"]
     assert R[0][1] is None and len(R) == 2 and all(x is not None for x in R[1])
     assert client.get(f"/lineages/{lid}", headers=a).json()["accuracy_matrix"] == R
+    # Their mid-job checkpoints (one per step here) are collected once each job has ended,
+    # right after its state changes (serve/garbage.py).
+    objects = store.LocalStore(home / "objects")
+    deadline = time.monotonic() + 10
+    while list(objects.list("jobs/")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(objects.list("jobs/")) == []
 
     # Independent reference: train.run over both experiences at once, in one process.
     npz.write(tmp_path / "data", experiences)
@@ -234,6 +316,22 @@ def test_two_jobs_grow_a_lineage_as_one_run_would(live, experiences, tmp_path):
     np.testing.assert_allclose(np.array(R[1], float), ref["accuracy_matrix"][1], rtol=1e-6)
     np.testing.assert_allclose(R[0][0], ref["accuracy_matrix"][0][0], rtol=1e-6)
     assert m["forgetting"] == pytest.approx(ref["forgetting"], abs=1e-6)
+
+    # A fork of version 1 trained on the second dataset is the parent's version 2 again: the
+    # same CL state, experiences and seed.
+    r = client.post(f"/lineages/{lid}/fork", json={"name": "f", "version": 1}, headers=a)
+    assert r.status_code == 201, r.text
+    fork = r.json()
+    assert fork["versions"] == 0 and fork["origin"]["number"] == 1
+    assert fork["origin"]["dataset_ids"] == ids[:1] and fork["spec"]["strategy"] == "ewc"
+    job = client.post("/jobs", json={"lineage_id": fork["id"], "dataset_id": ids[1]}, headers=a)
+    assert _wait(client, a, job.json()["id"])["state"] == "succeeded"
+    (fv,) = client.get(f"/lineages/{fork['id']}/versions", headers=a).json()
+    assert fv["number"] == 2
+    fm = client.get(f"/versions/{fv['id']}/metrics", headers=a).json()
+    np.testing.assert_allclose(np.array(fm["accuracy_matrix"], float), np.array(R, float))
+    r = client.post(f"/lineages/{lid}/fork", json={"name": "f", "version": 3}, headers=a)
+    assert r.status_code == 404 and "has no version 3; it has [1, 2]" in r.json()["detail"]
 
     # Weights: an npz that models.weights.load accepts into a fresh model of the lineage.
     w = client.get(f"/versions/{versions[1]['id']}/weights", headers=a)
@@ -270,7 +368,42 @@ def test_two_jobs_grow_a_lineage_as_one_run_would(live, experiences, tmp_path):
         files={"image": ("x.png", b"not an image")},
         headers=a,
     )
-    assert r.status_code == 400 and "cannot be decoded" in r.json()["detail"]
+    assert r.status_code == 400 and "not a PNG or JPEG" in r.json()["detail"]
+    assert "object at 0x" not in r.json()["detail"]
+
+    # Each version says whether it learnt its experience, against the trivial predictor.
+    for v, arrays in zip(versions, experiences, strict=True):
+        assert isinstance(v["did_not_learn"], bool)
+        assert v["trivial_score"] == pytest.approx(lineage.trivial_score(arrays, 2))
+        k = v["number"] - 1
+        got = client.get(f"/versions/{v['id']}/metrics", headers=a).json()["accuracy_matrix"]
+        assert v["new_score"] == pytest.approx(got[k][k])
+        assert v["did_not_learn"] == (v["new_score"] < v["trivial_score"] + lineage.LEARN_MARGIN)
+
+
+def test_a_version_that_learnt_nothing_is_marked_and_its_job_succeeds(live, experiences, caplog):
+    caplog.set_level(logging.INFO, logger="absl")
+    client, auth, _ = live
+    a = auth["alice"]
+    lid = _lineage(client, a, lr=1e-9)  # a model that stays at its initialisation
+    ds = _upload(client, a, experiences[0]).json()["id"]
+    job = client.post("/jobs", json={"lineage_id": lid, "dataset_id": ds}, headers=a).json()
+    assert _wait(client, a, job["id"])["state"] == "succeeded"
+    (v,) = client.get(f"/lineages/{lid}/versions", headers=a).json()
+    assert v["did_not_learn"] is True, v
+    assert v["new_score"] < v["trivial_score"] + lineage.LEARN_MARGIN
+    # The server log has one structured line per job event, with the ids and durations.
+    events = [
+        json.loads(r.getMessage().split(" ", 1)[1])
+        for r in caplog.records
+        if r.getMessage().startswith("job_event ")
+    ]
+    mine = [e for e in events if e["job_id"] == job["id"]]
+    assert [e["event"] for e in mine][:2] == ["queued", "started"]
+    assert [e["event"] for e in mine][-1] == "succeeded"
+    done = mine[-1]
+    assert done["lineage_id"] == lid and done["seconds"] > 0 and done["did_not_learn"] is True
+    assert any(e["event"] == "checkpoint" for e in mine)
 
 
 def test_a_failing_job_ends_failed_with_its_error(live, experiences):
@@ -296,8 +429,12 @@ def test_cancelling_a_running_job_stops_it_without_a_version(live, experiences):
     job = client.post("/jobs", json={"lineage_id": lid, "dataset_id": ds}, headers=a).json()
     _wait_for_progress(client, a, job["id"])
     r = client.post(f"/jobs/{job['id']}/cancel", headers=a)
+    asked = time.monotonic()
     assert r.status_code == 202 and r.json()["cancel_requested"]
     done = _wait(client, a, job["id"])
+    # The worker polls the flag every 0.2 s and stops after the step in flight (a few ms
+    # here); before, it waited for the next lease renewal (lease_s / 3 = 2 s in this fixture).
+    assert time.monotonic() - asked < 1.5
     assert done["state"] == "cancelled" and done["error"] == "cancelled by request"
     assert done["progress"]["step_in_phase"] < done["progress"]["steps_in_phase"]
     assert client.get(f"/lineages/{lid}/versions", headers=a).json() == []

@@ -17,6 +17,7 @@ SeaweedFS S3, the API and Celery workers as separate processes (``python -m clse
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -295,3 +296,58 @@ def test_sigterm_hands_the_running_job_back_to_the_queue(service, experiences):
     finally:
         service.kill(taker)
     assert done.state == "succeeded" and done.attempts == 2, done.error
+
+
+def test_a_celery_worker_stops_a_cancelled_job_within_a_step(service, experiences):
+    """Cancel through the API while a Celery worker trains: the job ends ``cancelled`` within
+    about one step (the worker polls the flag every 0.2 s; a step here takes milliseconds), with
+    no version, and its mid-job checkpoints are deleted from the S3 store (listed there)."""
+    client = service.client
+    lid = _lineage(client, epochs=400)
+    ds = _upload(client, experiences[0], name="cancel.zip")["id"]
+    worker, log = service.start_worker("e")
+    try:
+        job = client.post("/jobs", json={"lineage_id": lid, "dataset_id": ds}).json()
+        running = _wait(service, job["id"], lambda j: j.checkpoint is not None)
+        assert running.checkpoint["key"] in dict(service.objects.list(f"jobs/{job['id']}/"))
+        assert client.post(f"/jobs/{job['id']}/cancel").status_code == 202
+        asked = time.monotonic()
+        done = _wait(service, job["id"], lambda j: j.state in db.TERMINAL, timeout=60)
+        assert time.monotonic() - asked < 1.5, open(log).read()[-2000:]
+        assert done.state == "cancelled" and done.version_id is None
+        deadline = time.monotonic() + 10
+        while list(service.objects.list(f"jobs/{job['id']}/")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list(service.objects.list(f"jobs/{job['id']}/")) == []
+    finally:
+        service.kill(worker)
+    assert client.get(f"/lineages/{lid}/versions").json() == []
+
+
+def test_two_workers_with_their_own_folders_share_the_queue(service, experiences):
+    """The multi-machine deployment (docs/service.md): two Celery workers that share only
+    PostgreSQL, Redis and S3, each with its own scratch folder, take one job each of two
+    lineages at once and both finish; each job's worker is recorded in its events."""
+    client = service.client
+    ds = _upload(client, experiences[0], name="two.zip")["id"]
+    lineages = [_lineage(client, epochs=20) for _ in range(2)]
+    workers = [service.start_worker(name) for name in ("m1", "m2")]
+    try:
+        job_ids = [
+            client.post("/jobs", json={"lineage_id": lid, "dataset_id": ds}).json()["id"]
+            for lid in lineages
+        ]
+        done = [_wait(service, j, lambda job: job.state in db.TERMINAL) for j in job_ids]
+    finally:
+        for w, _ in workers:
+            service.kill(w)
+    assert [d.state for d in done] == ["succeeded", "succeeded"], [d.error for d in done]
+    started = {}
+    for _, log in workers:
+        for line in open(log):
+            if "job_event " in line and '"started"' in line:
+                event = json.loads(line.split("job_event ", 1)[1])
+                started[event["job_id"]] = event["worker"]
+    assert set(started) >= set(job_ids), started
+    assert started[job_ids[0]] != started[job_ids[1]]  # one each, not one after the other
+    assert (service.tmp / "scratch-m1").is_dir() and (service.tmp / "scratch-m2").is_dir()

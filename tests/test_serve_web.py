@@ -169,7 +169,13 @@ def test_web_page_end_to_end(browser: Any, service: tuple[str, str], tmp_path: P
         )
         assert r.status_code == 201, r.text
         dataset_ids.append(r.json()["id"])
-    spec = {"image_size": [32, 32], "epochs": 1, "checkpoint_every_steps": 2}
+    spec = {
+        "image_size": [32, 32],
+        "model_widths": [4, 8],
+        "batch_size": 8,
+        "epochs": 1,
+        "checkpoint_every_steps": 2,
+    }
     r = http.post("/lineages", json={"name": "web", **spec})
     assert r.status_code == 201, r.text
     lineage_id = r.json()["id"]
@@ -248,8 +254,14 @@ def test_web_page_end_to_end(browser: Any, service: tuple[str, str], tmp_path: P
     option = browser.find_element(By.CSS_SELECTOR, f"#lineages option[value='{lineage_id}']")
     assert option.text == "web (2 versions)"  # the label follows the lineage's new versions
 
-    # -- predict: a 48x40 image (not the lineage's 32x32: the mask comes back at input size) --
+    # -- each version's learning verdict, as the API gives it --
     versions = http.get(f"/lineages/{lineage_id}/versions").json()
+    verdicts = browser.find_elements(By.CSS_SELECTOR, "#versions tbody td.learning")
+    for td, v in zip(verdicts, versions, strict=True):
+        word = "did not learn" if v["did_not_learn"] else "learnt"
+        assert f"{v['new_score']:.3f} {word} (trivial {v['trivial_score']:.3f})" == td.text
+
+    # -- predict: a 48x40 image (not the lineage's 32x32: the mask comes back at input size) --
     image = Image.fromarray(exps[0]["x_test"][0]).resize((48, 40), Image.BILINEAR)
     image_path = tmp_path / "input.png"
     image.save(image_path)
@@ -307,3 +319,71 @@ def test_web_page_end_to_end(browser: Any, service: tuple[str, str], tmp_path: P
     status = browser.find_element(By.ID, "status")
     assert "401" in status.text and "error" in status.get_attribute("class")
     http.close()
+
+
+def test_the_page_alone_creates_uploads_trains_and_predicts(
+    browser: Any, service: tuple[str, str], tmp_path: Path
+) -> None:
+    """The whole workflow through the page, no API call from the test: create a lineage with
+    the strategy picker (a changed hyperparameter and class names), upload an experience with
+    progress, train it, and predict, the legend naming the lineage's classes."""
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from clseg_jax.serve import example
+
+    base, token = service
+    arrays = example.experiences(1, size=32, n_train=16, n_test=8)[0]
+    zip_path = tmp_path / "day1.zip"
+    zip_path.write_bytes(example.zip_bytes(arrays))
+    image_path = tmp_path / "input.png"
+    image_path.write_bytes(_png(arrays["x_test"][0]))
+    wait = WebDriverWait(browser, 120)
+
+    browser.get(base + "/")
+    browser.find_element(By.ID, "token").send_keys(token)
+    browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#new-strategy option")) > 10)
+    disabled = browser.find_element(By.CSS_SELECTOR, "#new-strategy option[value='icarl']")
+    assert disabled.get_attribute("disabled") is not None  # classification only
+
+    browser.find_element(By.CSS_SELECTOR, "#new-lineage summary").click()
+    browser.find_element(By.ID, "new-name").send_keys("from the page")
+    for field, value in (("new-height", "32"), ("new-width", "32")):
+        el = browser.find_element(By.ID, field)
+        el.clear()
+        el.send_keys(value)
+    browser.find_element(By.ID, "new-class-names").send_keys("sky, shape")
+    Select(browser.find_element(By.ID, "new-strategy")).select_by_value("ewc")
+    lam = browser.find_element(By.CSS_SELECTOR, "#new-params input[data-param='ewc_lambda']")
+    lam.clear()
+    lam.send_keys("50")
+    browser.find_element(By.ID, "new-epochs").send_keys("2")
+    browser.find_element(By.ID, "new-widths").send_keys("4, 8")
+    browser.find_element(By.CSS_SELECTOR, "#lineage-form button").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "created"))
+
+    browser.find_element(By.ID, "upload-file").send_keys(str(zip_path))
+    browser.find_element(By.CSS_SELECTOR, "#upload-form button").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "uploaded day1.zip"))
+    assert browser.execute_script("return document.querySelector('#upload-progress').value") == 1
+    browser.find_element(By.CSS_SELECTOR, "#datasets tbody tr button.train").click()
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#jobs tbody tr[data-state='succeeded']"))
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#versions tbody tr")) == 1)
+
+    browser.find_element(By.ID, "predict-file").send_keys(str(image_path))
+    browser.find_element(By.CSS_SELECTOR, "#predict-form button").click()
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "canvas#predict-overlay")))
+    legend = browser.find_element(By.CSS_SELECTOR, "#predict-result .legend").text
+    assert "sky:" in legend or "shape:" in legend, legend
+
+    # What the page made, read back through the API.
+    http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    (lin,) = http.get("/lineages").json()
+    assert lin["name"] == "from the page" and lin["versions"] == 1
+    spec = lin["spec"]
+    assert spec["strategy"] == "ewc" and spec["strategy_params"] == {"ewc_lambda": 50}
+    assert spec["class_names"] == ["sky", "shape"] and spec["model_widths"] == [4, 8]
+    assert spec["image_size"] == [32, 32] and spec["epochs"] == 2

@@ -1,9 +1,11 @@
 """``python -m clseg_jax.serve <command>``: serve, token, worker, reaper, example-data.
 
 ``serve`` starts the API on loopback (embedded mode by default: SQLite, a local folder and an
-in-process worker under ``$CLSEG_HOME``); ``token --owner NAME`` prints a new API token;
+in-process worker under ``$CLSEG_HOME``); ``token --owner NAME [--admin] [--expires-in-days D]``
+prints a new API token;
 ``worker`` runs a Celery worker (``CLSEG_QUEUE=redis://...``); ``reaper`` requeues jobs of dead
-workers when no API process runs one; ``example-data`` writes example uploads.
+workers when no API process runs one; ``gc`` deletes objects no row references (``garbage.py``);
+``example-data`` writes example uploads.
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8000)
     p = sub.add_parser("token", help="create an API token for an owner; prints it once")
     p.add_argument("--owner", required=True)
+    p.add_argument("--admin", action="store_true", help="may list and revoke every token")
+    p.add_argument("--expires-in-days", type=float, default=None, help="default: never")
     sub.add_parser("worker", help="run a Celery worker (CLSEG_QUEUE=redis://...)")
     sub.add_parser("reaper", help="requeue jobs whose worker died (Celery deployments)")
+    p = sub.add_parser("gc", help="delete stored objects that no row references (serve/garbage.py)")
+    p.add_argument("--grace-s", type=float, default=None, help="minimum age (default 3600)")
     p = sub.add_parser("example-data", help="write example experiences as upload zips")
     p.add_argument("--out", default="serve_data/example")
     p.add_argument("--experiences", type=int, default=2)
@@ -44,7 +50,10 @@ def main(argv: list[str] | None = None) -> None:
 
         settings.prepare()
         db.migrate(settings.db_url)
-        print(api.create_token(db.make_engine(settings.db_url), args.owner))
+        days = args.expires_in_days
+        expires = None if days is None else days * 86400.0
+        engine = db.make_engine(settings.db_url)
+        print(api.create_token(engine, args.owner, admin=args.admin, expires_in_s=expires))
     elif args.command == "worker":
         from clseg_jax.serve import tasks
 
@@ -71,6 +80,15 @@ def main(argv: list[str] | None = None) -> None:
         while True:
             reaper.once()
             time.sleep(reaper.period)
+    elif args.command == "gc":
+        from clseg_jax.serve import garbage, store
+
+        db.migrate(settings.db_url)
+        grace = garbage.GRACE_S if args.grace_s is None else args.grace_s
+        gone = garbage.orphans(
+            db.make_engine(settings.db_url), store.make_store(settings.store_url), grace
+        )
+        print(f"deleted {len(gone)} unreferenced objects older than {grace:g} s")
     elif args.command == "example-data":
         from clseg_jax.serve import example
 

@@ -20,60 +20,94 @@ from sqlalchemy import orm
 
 from clseg_jax.serve import db, store
 from clseg_jax.serve.db import Token
-from clseg_jax.serve.routes import datasets, deps, jobs, lineages, versions, web
+from clseg_jax.serve.routes import (
+    admin,
+    datasets,
+    deps,
+    jobs,
+    lineages,
+    metrics,
+    strategies,
+    versions,
+    web,
+)
 from clseg_jax.serve.routes.deps import hash_token
 from clseg_jax.serve.settings import Settings
 
 __all__ = ["create_app", "create_token", "hash_token"]
-ROUTERS = (web.router, datasets.router, lineages.router, jobs.router, versions.router)
+ROUTERS = (
+    web.router,
+    datasets.router,
+    lineages.router,
+    jobs.router,
+    versions.router,
+    admin.router,
+    metrics.router,
+    strategies.router,
+)
 
 
-def create_token(engine: sa.Engine, owner: str) -> str:
-    """A new random token for ``owner``; only its hash is stored, so print it once."""
+def create_token(
+    engine: sa.Engine, owner: str, admin: bool = False, expires_in_s: float | None = None
+) -> str:
+    """A new random token for ``owner``; only its hash is stored, so print it once. ``admin``:
+    it may list and revoke every token; ``expires_in_s``: it stops working after that long."""
     token = secrets.token_urlsafe(32)
+    expires = None if expires_in_s is None else db.now() + expires_in_s
     with orm.Session(engine) as s, s.begin():
-        s.add(Token(owner=owner, token_hash=hash_token(token)))
+        s.add(Token(owner=owner, token_hash=hash_token(token), admin=admin, expires_at=expires))
     return token
 
 
 class _BodyLimit:
     """ASGI middleware: 413 once a request body passes ``limit`` bytes, before it is buffered
-    (a declared Content-Length over the limit is refused without reading)."""
+    (a declared Content-Length over the limit is refused without reading).
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    A chunked body has no length: it is counted as it arrives, and the handler reading it (the
+    form parser, which turns any error of the stream into its own 400) is cut short; its
+    response is dropped and the 413 sent instead.
+    """
+
+    def __init__(self, app, limit: int, message: str):
+        self.app, self.limit, self.message = app, limit, message
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await _too_large(self.limit)(scope, receive, send)
-        seen = 0
+            return await too_large(self.message)(scope, receive, send)
+        seen, over = 0, False
 
         async def limited():
-            nonlocal seen
+            nonlocal seen, over
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    over = True
                     raise _TooLarge
             return message
 
+        async def sending(message):
+            if not over:  # the handler's reply to a stream cut short is not the client's
+                await send(message)
+
         try:
-            return await self.app(scope, limited, send)
-        except _TooLarge:
-            return await _too_large(self.limit)(scope, receive, send)
+            await self.app(scope, limited, sending)
+        except Exception:
+            if not over:
+                raise
+        if over:
+            await too_large(self.message)(scope, receive, send)
 
 
 class _TooLarge(Exception):
     pass
 
 
-def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse(
-        {"detail": f"request body over the limit of {limit} bytes (CLSEG_MAX_UPLOAD_MB)"}, 413
-    )
+def too_large(message: str) -> JSONResponse:
+    return JSONResponse({"detail": message}, 413)
 
 
 def _store_error(request: Request, err: store.StoreError) -> JSONResponse:
@@ -128,5 +162,12 @@ def create_app(settings: Settings | None = None, start_worker: bool = True) -> F
     for router in ROUTERS:
         app.include_router(router)
     app.add_exception_handler(store.StoreError, _store_error)
-    app.add_middleware(_BodyLimit, limit=settings.max_upload_bytes + 2**20)
+    # The body is the upload plus its form's boundaries and headers: 1 MiB of slack here, the
+    # upload's own size checked exactly where it is read (deps.read_upload).
+    app.add_middleware(
+        _BodyLimit, limit=settings.max_upload_bytes + 2**20, message=settings.upload_limit_message()
+    )
+    # Outermost, so that requests the body limit refuses are counted too.
+    app.state.requests = metrics.Requests()
+    app.add_middleware(metrics.CountRequests, counter=app.state.requests)
     return app

@@ -44,6 +44,11 @@ class Token(Base):
     owner: orm.Mapped[str] = orm.mapped_column(sa.String(64), index=True)
     token_hash: orm.Mapped[str] = orm.mapped_column(sa.String(64), unique=True)
     created_at: orm.Mapped[float] = orm.mapped_column(sa.Float, default=now)
+    # Admin tokens may list and revoke every token (``/admin/tokens``).
+    admin: orm.Mapped[bool] = orm.mapped_column(
+        sa.Boolean, default=False, server_default=sa.false()
+    )
+    expires_at: orm.Mapped[float | None] = orm.mapped_column(sa.Float)  # None: never
 
 
 class Dataset(Base):
@@ -72,6 +77,10 @@ class Lineage(Base):
     name: orm.Mapped[str] = orm.mapped_column(sa.String(128))
     spec: orm.Mapped[dict[str, Any]] = orm.mapped_column(sa.JSON)
     created_at: orm.Mapped[float] = orm.mapped_column(sa.Float, default=now)
+    # A fork's starting point: ``{"lineage_id", "version_id", "number", "state": {key, size,
+    # sha256}, "dataset_ids": [...]}``, the version it continues from (its full CL state) and
+    # the datasets of that version's experiences; None for a lineage started from scratch.
+    origin: orm.Mapped[dict[str, Any] | None] = orm.mapped_column(sa.JSON)
 
 
 class Job(Base):

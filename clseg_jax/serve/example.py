@@ -20,9 +20,15 @@ from clseg_jax.data import shapes
 
 
 def experiences(
-    n: int = 2, size: int = 64, n_train: int = 64, n_test: int = 32, seed: int = 0
+    n: int = 2,
+    size: int = 64,
+    n_train: int = 64,
+    n_test: int = 32,
+    seed: int = 0,
+    binary: bool = True,
 ) -> list[dict[str, np.ndarray]]:
-    """``n`` experiences as ``{"x_train" [N,S,S,3] uint8, "y_train" [N,S,S] uint8, ...}``."""
+    """``n`` experiences as ``{"x_train" [N,S,S,3] uint8, "y_train" [N,S,S] uint8, ...}``;
+    ``binary``: background / shape, else the 5 classes (background and 4 shapes)."""
     cfg = ml_collections.ConfigDict(
         {
             "image_size": size,
@@ -30,7 +36,7 @@ def experiences(
             "test_per_exp": n_test,
             "seed": seed,
             "num_experiences": n,
-            "binary": True,
+            "binary": binary,
         }
     )
     out = []

@@ -13,10 +13,12 @@ submission order: a job is claimable only when no earlier job of its lineage is 
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 import sqlalchemy as sa
+from absl import logging
 from sqlalchemy import orm
 
 from clseg_jax.serve import db
@@ -54,6 +56,14 @@ def resubmitted(
     return prior
 
 
+def event(kind: str, job_id: str, **fields: Any) -> None:
+    """One structured line in the server log per job event (``queued``, ``started``,
+    ``checkpoint``, ``succeeded``, ``failed``, ``cancelled``, ``requeued``):
+    ``job_event {"event": ..., "job_id": ..., ...}`` with the lineage id and durations."""
+    line = json.dumps({"event": kind, "job_id": job_id, **fields}, sort_keys=True, default=str)
+    logging.info("job_event %s", line)
+
+
 def submit(
     s: orm.Session, owner: str, lin: Lineage, ds: Dataset, idempotency_key: str | None = None
 ) -> tuple[Job, bool]:
@@ -82,6 +92,7 @@ def submit(
         .select_from(Job)
         .where(Job.lineage_id == lin.id, Job.state.in_(("queued", "running", "succeeded")))
     )
+    used += (lin.origin or {}).get("number", 0)  # a fork's experiences before it
     if used >= spec["max_experiences"]:
         raise Refused(409, f"lineage {lin.id} is full: max_experiences={spec['max_experiences']}")
     job = Job(
@@ -104,8 +115,9 @@ def submit(
 
 
 def cancel(s: orm.Session, job: Job) -> None:
-    """Cancels a queued ``job`` at once; a running one stops at its worker's next heartbeat
-    (``cancel_requested``). ``Refused`` (409) if it already ended. Refreshes ``job``."""
+    """Cancels a queued ``job`` at once; a running one stops within about a training step (its
+    worker polls ``cancel_requested`` every ``worker.CANCEL_POLL_S``) and writes no version.
+    ``Refused`` (409) if it already ended. Refreshes ``job``."""
     if job.state in db.TERMINAL:
         raise Refused(409, f"job {job.id} already ended ({job.state})")
     s.execute(
@@ -193,6 +205,12 @@ def heartbeat(engine: sa.Engine, job_id: str, worker: str, lease_s: float) -> tu
         cancel = s.scalar(sa.select(Job.cancel_requested).where(Job.id == job_id))
         s.commit()
     return res.rowcount == 1, bool(cancel)
+
+
+def cancel_requested(engine: sa.Engine, job_id: str) -> bool:
+    """Whether a cancel of ``job_id`` was requested (what a running job polls)."""
+    with orm.Session(engine) as s:
+        return bool(s.scalar(sa.select(Job.cancel_requested).where(Job.id == job_id)))
 
 
 def _owned_update(engine: sa.Engine, job_id: str, worker: str, **values: Any) -> None:
@@ -293,10 +311,18 @@ def reap(engine: sa.Engine, max_attempts: int) -> list[str]:
 
 
 _SECRET = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+# Python object reprs (``<_io.BytesIO object at 0x7f...>``) mean nothing to an API user.
+_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 def one_line_error(err: BaseException) -> str:
-    """``Type: first line`` of an exception, at most 500 characters, credentials in URLs masked."""
+    """``Type: first line`` of an exception, at most 500 characters, credentials in URLs masked
+    and object reprs left out."""
     text = str(err).strip().splitlines()
     msg = f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
-    return _SECRET.sub(r"\1***@", msg)[:500]
+    return plain(_SECRET.sub(r"\1***@", msg))[:500]
+
+
+def plain(message: str) -> str:
+    """``message`` without Python object reprs (``<_io.BytesIO object at 0x...>`` -> ``it``)."""
+    return _REPR.sub("it", message)

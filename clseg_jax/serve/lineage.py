@@ -26,30 +26,45 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 from PIL import Image
 
 from clseg_jax import config as config_lib
-from clseg_jax import setup, train
+from clseg_jax import models, setup, strategies, tasks, train
 from clseg_jax import step as step_lib
 from clseg_jax.checkpoint import Checkpointer
 from clseg_jax.models import weights as weights_lib
+from clseg_jax.serve import jobs
+from clseg_jax.strategies import base
 
-# What a lineage may set, with defaults: a small UNet and a recipe that trains in seconds per
-# experience on a CPU for 64x64 images (docs/service.md's session); a GPU deployment raises them.
+# What a lineage may set, with defaults: a recipe that learns each domain of a 64x64, 5-class
+# shapes stream it has never seen to diag(R) >= 0.5 for naive and replay within two minutes a
+# job on a 2-core CPU (experiments/serve_recipe.py, docs/service.md); a GPU deployment raises
+# the sizes.
 SPEC_DEFAULTS: dict[str, Any] = {
     "num_classes": 2,
+    "class_names": [],  # one per class, background first; [] = the data's or class_<k>
     "image_size": [64, 64],
     "kind": "domain",  # or "class": an experience labels the classes in its masks
     "strategy": "naive",
     "strategy_params": {},
-    "model_widths": [8, 16, 32],
+    "model_widths": [16, 32, 64, 128],
     "max_experiences": 16,
-    "epochs": 2,
-    "batch_size": 8,
-    "lr": 0.01,
+    "epochs": 10,
+    "batch_size": 16,
+    "optimizer": "adam",
+    "lr": 1e-3,
     "checkpoint_every_steps": 20,
     "seed": 0,
 }
+OPTIMIZERS = ("adam", "sgd")
+# Memory batches (rows replayed per step) are half the lineage's batch_size unless a lineage sets
+# them: the library's 32 on top of a batch of 8 made replayed rows 80% of every step, and a
+# whole batch more made a replay job 1.7x a naive one (124 s for the first version here).
+MEMORY_BATCHES = ("replay_batch", "der_batch", "icarl_batch", "agem_sample_size", "di_replay_batch")
+# A version whose new experience scores below the trivial predictor's score plus this margin is
+# marked did_not_learn (its job still succeeds).
+LEARN_MARGIN = 0.05
 
 
 def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -73,8 +88,15 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
                 f"strategy parameter {key!r} must be {type(default).__name__} "
                 f"(default {default!r}), got {value!r}"
             )
+    _check_strategy(out)
     if not 2 <= out["num_classes"] <= 255:
         raise ValueError(f"num_classes must be in 2..255, got {out['num_classes']}")
+    names = out["class_names"]
+    if names and len(names) != out["num_classes"]:
+        raise ValueError(
+            f"class_names must name all {out['num_classes']} classes (background first) "
+            f"or be empty, got {len(names)}"
+        )
     if out["kind"] not in ("domain", "class"):
         raise ValueError(f"kind must be 'domain' or 'class', got {out['kind']!r}")
     widths = out["model_widths"]
@@ -95,9 +117,40 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
     ):
         if not lo <= out[key] <= hi:
             raise ValueError(f"{key} must be in {lo}..{hi}, got {out[key]}")
+    if out["optimizer"] not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {out['optimizer']!r}")
     if not 0 < out["lr"] <= 10:
         raise ValueError(f"lr must be in (0, 10], got {out['lr']}")
     return out
+
+
+def _check_strategy(spec: dict[str, Any]) -> None:
+    """Builds the lineage's strategy as a job will (its values checked by its own factory: an
+    unknown policy, a stream it cannot train), without data or a model: the graph definition is
+    abstract and the forward function is never called while building."""
+    config = train_config(spec, "")
+    h, w = spec["image_size"]
+    n = spec["num_classes"]
+
+    def forward(*args, **kwargs):
+        raise RuntimeError("a strategy called the model while being built")
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.make(config.model, n, 0)))
+    env = base.Env(
+        forward=forward,
+        num_classes=n,
+        num_experiences=spec["max_experiences"],
+        image_shape=(h, w, 3),
+        label_shape=(h, w),
+        graphdef=graphdef,
+    )
+    try:
+        strategies.make(config.strategy, env)
+    except (ValueError, TypeError, KeyError) as err:
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"strategy {spec['strategy']!r} cannot train this lineage: {why}"
+        ) from None
 
 
 def train_config(spec: dict[str, Any], data_dir: str) -> ml_collections.ConfigDict:
@@ -110,7 +163,10 @@ def train_config(spec: dict[str, Any], data_dir: str) -> ml_collections.ConfigDi
     c.data.kind = spec["kind"]
     c.model.kwargs.widths = tuple(spec["model_widths"])
     c.strategy.name = spec["strategy"]
+    for key in MEMORY_BATCHES:
+        c.strategy[key] = max(1, spec["batch_size"] // 2)
     c.strategy.update(spec["strategy_params"])
+    c.optimizer.name = spec.get("optimizer", "sgd")  # lineages made before the field: SGD
     c.optimizer.lr = spec["lr"]
     c.batch_size = spec["batch_size"]
     c.eval_batch_size = max(spec["batch_size"], 16)
@@ -158,8 +214,37 @@ def run_experience(
     return train.run(train_config(spec, data_dir), workdir, hooks or train.Hooks())
 
 
-def version_metrics(results: dict) -> dict:
-    """What the API serves for a version: R (NaN -> None), CL summary, per-class scores."""
+def trivial_score(arrays: dict[str, np.ndarray], num_classes: int) -> float:
+    """R's score (mIoU over the classes present) of predicting, on ``arrays``' test split, the
+    class most frequent in its training masks everywhere: what a model that learnt nothing
+    but the majority class (normally the background) gets. Labels >= ``num_classes`` (255:
+    ignore) are left out, as evaluation leaves them out."""
+    train = np.bincount(np.asarray(arrays["y_train"]).ravel(), minlength=num_classes)
+    test = np.bincount(np.asarray(arrays["y_test"]).ravel(), minlength=num_classes)
+    conf = np.zeros((num_classes, num_classes), np.int64)
+    conf[:, int(np.argmax(train[:num_classes]))] = test[:num_classes]
+    return tasks.SEGMENTATION.score(conf, ())
+
+
+def learning_verdict(results: dict, new_file: str, num_classes: int) -> dict:
+    """Whether the version learnt its new experience: its diag(R) against ``trivial_score``."""
+    k = len(results["stream"]["experiences"]) - 1
+    new = float(results["accuracy_matrix"][k][k])
+    with np.load(new_file) as arrays:
+        trivial = trivial_score(arrays, num_classes)
+    return {
+        "new_score": new,
+        "trivial_score": trivial,
+        "margin": LEARN_MARGIN,
+        "did_not_learn": not new >= trivial + LEARN_MARGIN,  # NaN did not learn either
+    }
+
+
+def version_metrics(
+    results: dict, learning: dict | None = None, class_names: Sequence[str] = ()
+) -> dict:
+    """What the API serves for a version: R (NaN -> None), CL summary, per-class scores, and
+    ``learning`` (``learning_verdict``); ``class_names`` (the lineage's) replace the data's."""
 
     def clean(x):
         if isinstance(x, float) and not np.isfinite(x):
@@ -175,7 +260,8 @@ def version_metrics(results: dict) -> dict:
         {
             **{k: results[k] for k in keys},
             "per_class": results["per_class"],
-            "class_names": results["stream"]["class_names"],
+            "class_names": list(class_names) or results["stream"]["class_names"],
+            "learning": learning,
         }
     )
 
@@ -234,5 +320,8 @@ def _open_image(data: bytes, max_pixels: int) -> Image.Image:
         if w * h > max_pixels:
             raise ValueError(f"image is {w}x{h}, over the limit of {max_pixels} pixels")
         return image.convert("RGB")
+    except Image.UnidentifiedImageError:
+        raise ValueError("image cannot be decoded: it is not a PNG or JPEG file") from None
     except (OSError, Image.DecompressionBombError) as err:
-        raise ValueError(f"image cannot be decoded ({str(err).splitlines()[0]})") from None
+        why = jobs.plain(str(err).strip().splitlines()[0] if str(err).strip() else "")
+        raise ValueError(f"image cannot be decoded ({why or type(err).__name__})") from None

@@ -11,8 +11,9 @@ variable                   default                         meaning
 ``CLSEG_LEASE_S``          ``30``                          job lease; heartbeat every third
 ``CLSEG_MAX_ATTEMPTS``     ``3``                           tries after transient I/O errors
 ``CLSEG_JOB_TIME_LIMIT_S`` ``86400``                       longer jobs fail (checkpoint kept)
-``CLSEG_MAX_UPLOAD_MB``    ``512``                         request body limit of uploads
+``CLSEG_MAX_UPLOAD_MB``    ``512``                         per uploaded file (dataset, image)
 ``CLSEG_MAX_IMAGE_PIXELS`` ``16777216``                    per decoded image (upload, predict)
+``CLSEG_METRICS_PUBLIC``   ``0``                           ``1``: ``/metrics`` needs no token
 =========================  ==============================  ======================================
 """
 
@@ -43,6 +44,7 @@ class Settings:
     job_time_limit_s: int = 86400
     max_upload_bytes: int = 512 * 2**20
     max_image_pixels: int = 4096 * 4096
+    metrics_public: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -57,7 +59,15 @@ class Settings:
             job_time_limit_s=_int("CLSEG_JOB_TIME_LIMIT_S", 86400),
             max_upload_bytes=_int("CLSEG_MAX_UPLOAD_MB", 512) * 2**20,
             max_image_pixels=_int("CLSEG_MAX_IMAGE_PIXELS", 4096 * 4096),
+            metrics_public=_int("CLSEG_METRICS_PUBLIC", 0) == 1,
         )
+
+    def upload_limit_message(self) -> str:
+        """What a 413 says: the limit in the unit its setting uses."""
+        n = self.max_upload_bytes
+        if n % 2**20 == 0:
+            return f"upload over the limit of {n // 2**20} MiB (CLSEG_MAX_UPLOAD_MB={n // 2**20})"
+        return f"upload over the limit of {n} bytes"
 
     def prepare(self) -> None:
         """Creates the local folders the embedded defaults need."""

@@ -46,6 +46,7 @@ class ObjectStore(Protocol):
     def get_bytes(self, key: str, expect: StoredObject | None = None) -> bytes: ...
     def stat(self, key: str) -> int | None: ...
     def delete(self, key: str) -> None: ...
+    def list(self, prefix: str = "") -> Iterator[tuple[str, float]]: ...
     def describe(self) -> str: ...
 
 
@@ -187,6 +188,21 @@ class LocalStore:
         except FileNotFoundError:
             pass
 
+    def list(self, prefix: str = "") -> Iterator[tuple[str, float]]:
+        """``(key, modified UNIX seconds)`` of every object whose key starts with ``prefix``
+        (temporary files of writes in flight are not objects)."""
+        for d, _, files in os.walk(self.root):
+            for name in files:
+                if name.startswith("."):  # _atomic_write's temporary files
+                    continue
+                path = os.path.join(d, name)
+                key = os.path.relpath(path, self.root).replace(os.sep, "/")
+                if key.startswith(prefix):
+                    try:
+                        yield key, os.path.getmtime(path)
+                    except FileNotFoundError:  # deleted meanwhile
+                        continue
+
 
 def _no_userinfo(url: str | None) -> str:
     if not url:
@@ -325,6 +341,23 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self._call("delete", check_key(key), self._client.delete_object)
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, float]]:
+        """``(key, modified UNIX seconds)`` of every object whose key starts with ``prefix``."""
+        pages = self._call(
+            "list",
+            "",
+            lambda **kw: self._client.get_paginator("list_objects_v2").paginate(**kw),
+            Prefix=prefix,
+        )
+        try:
+            for page in pages or ():
+                for o in page.get("Contents", ()):
+                    yield o["Key"], o["LastModified"].timestamp()
+        except Exception as e:  # the paginator's requests happen while iterating
+            raise StoreError(
+                f"s3 list {prefix or '(bucket)'} in {self.describe()} failed: {type(e).__name__}"
+            ) from None
 
 
 def make_store(url: str) -> ObjectStore:

@@ -23,11 +23,13 @@ from absl import logging
 from sqlalchemy import orm
 
 from clseg_jax import train
-from clseg_jax.serve import jobs, lineage, store
+from clseg_jax.serve import garbage, jobs, lineage, store
 from clseg_jax.serve.db import Dataset, Job, Lineage, Version
 from clseg_jax.serve.settings import Settings
 
 TRANSIENT = (store.StoreError, sa.exc.OperationalError, ConnectionError, TimeoutError)
+# How often a running job reads its cancel flag (seconds).
+CANCEL_POLL_S = 0.2
 
 
 def worker_id() -> str:
@@ -52,16 +54,21 @@ class _Plan:
             versions = s.scalars(
                 sa.select(Version).where(Version.lineage_id == lin.id).order_by(Version.number)
             ).all()
-            ids = [v.dataset_id for v in versions] + [job.dataset_id]
+            # A fork continues from its origin's version: that version's experiences first.
+            origin = lin.origin or {}
+            ids = [*origin.get("dataset_ids", ()), *(v.dataset_id for v in versions)]
+            ids.append(job.dataset_id)
             rows = {d.id: d for d in s.scalars(sa.select(Dataset).where(Dataset.id.in_(ids)))}
             self.datasets = [
                 {"key": rows[i].key, "size": rows[i].size, "sha256": rows[i].sha256} for i in ids
             ]
             self.spec = dict(lin.spec)
             self.lineage_id = lin.id
-            self.number = len(versions) + 1
+            self.number = len(ids)
             self.dataset_id = job.dataset_id
-            self.resume = job.checkpoint or (versions[-1].state if versions else None)
+            self.resume = job.checkpoint or (
+                versions[-1].state if versions else origin.get("state")
+            )
 
 
 def execute(
@@ -85,9 +92,16 @@ def execute(
     deadline = time.time() + settings.job_time_limit_s
 
     def beat():
-        while not stop.wait(settings.lease_s / 3):
+        # The cancel flag is read every CANCEL_POLL_S (one cheap SELECT), so that a cancel
+        # stops training within about one step; the lease is renewed every lease_s / 3.
+        renew_at = time.monotonic() + settings.lease_s / 3
+        while not stop.wait(CANCEL_POLL_S):
             try:
-                held, cancel = jobs.heartbeat(engine, job_id, worker, settings.lease_s)
+                if time.monotonic() >= renew_at:
+                    held, cancel = jobs.heartbeat(engine, job_id, worker, settings.lease_s)
+                    renew_at = time.monotonic() + settings.lease_s / 3
+                else:
+                    held, cancel = True, jobs.cancel_requested(engine, job_id)
             except TRANSIENT as err:  # a database blip: the lease may still be ours
                 logging.warning("heartbeat of %s failed: %s", job_id, jobs.one_line_error(err))
                 continue
@@ -98,6 +112,17 @@ def execute(
 
     beater = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
     beater.start()
+    started = time.monotonic()
+
+    def ended(state: str, **fields) -> str:
+        """The job's end as one structured log line (``queued`` is logged as ``requeued``);
+        returns ``state``."""
+        seconds = round(time.monotonic() - started, 2)
+        kind = "requeued" if state == "queued" else state
+        jobs.event(kind, job_id, lineage_id=plan.lineage_id, seconds=seconds, **fields)
+        return state
+
+    jobs.event("started", job_id, lineage_id=plan.lineage_id, version=plan.number, worker=worker)
     try:
         files = []
         for d in plan.datasets:
@@ -128,25 +153,41 @@ def execute(
             obj = objects.put_file(key, tmp)
             os.remove(tmp)
             jobs.set_checkpoint(engine, job_id, worker, _obj(obj))
+            jobs.event("checkpoint", job_id, lineage_id=plan.lineage_id, key=obj.key)
 
         def should_stop() -> bool:
             leaving = shutdown is not None and shutdown.is_set()
             return stop.is_set() or leaving or time.time() > deadline
 
-        hooks = train.Hooks(on_log, on_checkpoint, should_stop, handle_sigterm=False)
+        hooks = train.Hooks(
+            on_log,
+            on_checkpoint,
+            should_stop,
+            handle_sigterm=False,
+            should_cancel=lambda: why["cancel"],
+        )
         results = lineage.run_experience(plan.spec, data_dir, run_dir, hooks)
+        if why["cancel"] and not why["lost"]:  # even if the run got to its end: no version
+            jobs.end(engine, job_id, worker, "cancelled", "cancelled by request")
+            return ended("cancelled")
         if not results:  # stopped after saving a checkpoint
             if why["lost"]:
-                return "lost"
-            if why["cancel"]:
-                jobs.end(engine, job_id, worker, "cancelled", "cancelled by request")
-                return "cancelled"
+                return ended("lost")
             if time.time() > deadline:
-                limit = settings.job_time_limit_s
-                jobs.end(engine, job_id, worker, "failed", f"time limit of {limit} s reached")
-                return "failed"
+                error = f"time limit of {settings.job_time_limit_s} s reached"
+                jobs.end(engine, job_id, worker, "failed", error)
+                return ended("failed", error=error)
             jobs.end(engine, job_id, worker, "queued")  # the process is shutting down
-            return "queued"
+            return ended("queued")
+        learning = lineage.learning_verdict(results, files[-1], plan.spec["num_classes"])
+        if learning["did_not_learn"]:
+            logging.warning(
+                "job %s: version %d did not learn its experience (%.3f, trivial %.3f)",
+                job_id,
+                plan.number,
+                learning["new_score"],
+                learning["trivial_score"],
+            )
         prefix = f"lineages/{plan.lineage_id}/versions/{plan.number}-{job_id}"
         ckpt_dir = os.path.join(run_dir, "checkpoints")
         latest = max(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
@@ -166,25 +207,35 @@ def execute(
                 "dataset_id": plan.dataset_id,
                 "state": _obj(state_obj),
                 "weights": _obj(weights_obj),
-                "metrics": lineage.version_metrics(results),
+                "metrics": lineage.version_metrics(
+                    results, learning, plan.spec.get("class_names", ())
+                ),
             },
         )
-        return "succeeded"
+        return ended("succeeded", version=plan.number, **learning)
     except jobs.LeaseLost:
-        return "lost"
+        return ended("lost")
     except TRANSIENT as err:
         msg = jobs.one_line_error(err)
         logging.warning("job %s: transient error: %s", job_id, msg)
-        return jobs.retry_or_fail(engine, job_id, worker, settings.max_attempts, msg)
+        state = jobs.retry_or_fail(engine, job_id, worker, settings.max_attempts, msg)
+        return ended(state, error=msg)
     except Exception as err:  # the job's own failure (bad data, NaN loss): recorded, not raised
         msg = jobs.one_line_error(err)
-        logging.warning("job %s failed: %s", job_id, msg)
         jobs.end(engine, job_id, worker, "failed", msg)
-        return "failed"
+        return ended("failed", error=msg)
     finally:
         stop.set()
         beater.join()
         shutil.rmtree(workdir, ignore_errors=True)
+        # A job that ended leaves no mid-job checkpoints behind (a crash before this line
+        # leaves them to garbage.orphans); a requeued one keeps them to resume from.
+        try:
+            garbage.job_checkpoints(engine, objects, job_id)
+        except TRANSIENT as err:
+            logging.warning(
+                "job %s: checkpoints not collected: %s", job_id, jobs.one_line_error(err)
+            )
 
 
 class InProcessWorker:

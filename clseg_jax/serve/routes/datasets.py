@@ -6,12 +6,21 @@ import hashlib
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, File, HTTPException, Query, UploadFile
-from pydantic import BaseModel, ConfigDict
+from fastapi import APIRouter, File, HTTPException, Query, Response, UploadFile
+from pydantic import BaseModel, ConfigDict, Field
 
-from clseg_jax.serve import uploads
+from clseg_jax.serve import garbage, uploads
 from clseg_jax.serve.db import Dataset
-from clseg_jax.serve.routes.deps import ERRORS, Id, Owner, Session, Svc, get_owned
+from clseg_jax.serve.routes.deps import (
+    ERRORS,
+    Id,
+    Owner,
+    Session,
+    Strict,
+    Svc,
+    get_owned,
+    read_upload,
+)
 
 router = APIRouter()
 
@@ -32,7 +41,7 @@ def dataset_out(d: Dataset) -> DatasetOut:
     return DatasetOut.model_validate(d)
 
 
-@router.post("/datasets", status_code=201, responses={**ERRORS, 413: {}, 400: {}})
+@router.post("/datasets", status_code=201, responses={**ERRORS, 413: {}, 400: {}, 409: {}})
 def upload_dataset(
     who: Owner,
     s: Session,
@@ -43,8 +52,8 @@ def upload_dataset(
     """Uploads one experience's data; masks are checked against ``num_classes`` classes.
 
     Stored content-addressed (normalised ``.npz``): re-uploading the same arrays returns
-    the existing dataset."""
-    data = file.file.read(svc.settings.max_upload_bytes + 1)
+    the existing dataset, or 409 if it was uploaded with another ``num_classes``."""
+    data = read_upload(file, svc)
     try:
         arrays = uploads.parse_upload(data, file.filename or "", num_classes, svc.limits)
     except uploads.UploadError as err:
@@ -54,7 +63,7 @@ def upload_dataset(
     same = sa.select(Dataset).where(Dataset.owner == who, Dataset.sha256 == sha)
     existing = s.scalar(same)
     if existing is not None:
-        return dataset_out(existing)
+        return _same_upload(existing, num_classes)
     obj = svc.objects.put_bytes(f"datasets/{sha}.npz", blob)  # verified before the row exists
     row = Dataset(
         owner=who,
@@ -70,8 +79,51 @@ def upload_dataset(
         s.commit()
     except sa.exc.IntegrityError:  # the same content uploaded concurrently
         s.rollback()
-        row = s.scalar(same)
+        return _same_upload(s.scalar(same), num_classes)
+    # Another owner's dataset of this content may have been deleted, and its object with it,
+    # between the write above and this row's commit (garbage.py): the row must not dangle.
+    if svc.objects.stat(obj.key) is None:
+        svc.objects.put_bytes(obj.key, blob)
     return dataset_out(row)
+
+
+def _same_upload(existing: Dataset, num_classes: int) -> DatasetOut:
+    """The dataset these bytes already are; 409 if it was uploaded with another class count
+    (its masks were checked against that count, and lineages read it with it)."""
+    if existing.num_classes != num_classes:
+        raise HTTPException(
+            409,
+            f"this content was already uploaded as dataset {existing.id} with "
+            f"num_classes={existing.num_classes}, not {num_classes}; upload it with "
+            f"num_classes={existing.num_classes}",
+        )
+    return dataset_out(existing)
+
+
+class DatasetPatch(Strict):
+    filename: str = Field(min_length=1, max_length=255)
+
+
+@router.patch("/datasets/{dataset_id}", responses=ERRORS)
+def rename_dataset(who: Owner, s: Session, dataset_id: Id, body: DatasetPatch) -> DatasetOut:
+    """Renames a dataset (its ``filename``); its content and id stay."""
+    d = get_owned(s, Dataset, dataset_id, who, "dataset")
+    d.filename = body.filename
+    s.commit()
+    return dataset_out(d)
+
+
+@router.delete("/datasets/{dataset_id}", status_code=204, responses={**ERRORS, 409: {}})
+def delete_dataset(who: Owner, s: Session, svc: Svc, dataset_id: Id) -> Response:
+    """Deletes a dataset; 409 while a version or a queued/running job uses it
+    (``garbage.delete_dataset``)."""
+    get_owned(s, Dataset, dataset_id, who, "dataset")
+    s.close()
+    try:
+        garbage.delete_dataset(svc.engine, svc.objects, dataset_id)
+    except garbage.InUse as err:
+        raise HTTPException(409, str(err)) from None
+    return Response(status_code=204)
 
 
 @router.get("/datasets", responses=ERRORS)

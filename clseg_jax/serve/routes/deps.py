@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, UploadFile
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import orm
 
-from clseg_jax.serve import lineage, store, uploads
+from clseg_jax.serve import db, lineage, store, uploads
 from clseg_jax.serve.db import Lineage, Token, Version
 from clseg_jax.serve.settings import Settings
 
@@ -86,6 +86,16 @@ class Services:
                 self.celery.send_task("clseg.run_job", args=[job_id])
 
 
+def read_upload(file: UploadFile, svc: Services) -> bytes:
+    """An uploaded file's bytes; 413 if it is over ``max_upload_bytes`` (exactly that many
+    pass)."""
+    limit = svc.settings.max_upload_bytes
+    data = file.file.read(limit + 1)
+    if len(data) > limit:
+        raise HTTPException(413, svc.settings.upload_limit_message())
+    return data
+
+
 def services(request: Request) -> Services:
     return request.app.state.services
 
@@ -102,10 +112,10 @@ Session = Annotated[orm.Session, Depends(session)]
 bearer = HTTPBearer(auto_error=False)
 
 
-def owner(
+def token(
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)], s: Session
-) -> str:
-    """The owner of the request's bearer token; 401 without a known one."""
+) -> Token:
+    """The request's bearer token row; 401 without a known, unexpired one."""
     if creds is None or creds.scheme.lower() != "bearer":
         raise HTTPException(
             401,
@@ -115,10 +125,25 @@ def owner(
     row = s.scalar(sa.select(Token).where(Token.token_hash == hash_token(creds.credentials)))
     if row is None:
         raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
+    if row.expires_at is not None and row.expires_at <= db.now():
+        raise HTTPException(401, "token expired", headers={"WWW-Authenticate": "Bearer"})
+    return row
+
+
+def owner(row: Annotated[Token, Depends(token)]) -> str:
+    """The owner of the request's bearer token."""
+    return row.owner
+
+
+def admin(row: Annotated[Token, Depends(token)]) -> str:
+    """The owner of an admin token; 403 for any other token."""
+    if not row.admin:
+        raise HTTPException(403, "this route needs an admin token (serve token --admin)")
     return row.owner
 
 
 Owner = Annotated[str, Depends(owner)]
+Admin = Annotated[str, Depends(admin)]
 
 
 def get_owned(s: orm.Session, model, id_: str, who: str, what: str):

@@ -68,6 +68,7 @@ def submit_job(
     except jobs.Refused as err:
         raise _refused(err) from None
     if created:
+        jobs.event("queued", job.id, lineage_id=lin.id, dataset_id=ds.id)
         svc.enqueue(job.id)
     return job_out(job)
 

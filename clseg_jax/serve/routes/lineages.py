@@ -5,36 +5,43 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import orm
 
-from clseg_jax.serve import lineage
+from clseg_jax.serve import garbage, lineage
 from clseg_jax.serve.db import Lineage, Version
-from clseg_jax.serve.routes.deps import ERRORS, Id, Owner, Session, Strict, get_owned
+from clseg_jax.serve.routes.deps import ERRORS, Id, Owner, Session, Strict, Svc, get_owned
 from clseg_jax.serve.routes.versions import VersionOut, version_out
 
 router = APIRouter()
 
 
+_D = lineage.SPEC_DEFAULTS
+
+
 class LineageIn(Strict):
     name: str = Field(min_length=1, max_length=128)
-    num_classes: int = Field(2, ge=2, le=255)
-    image_size: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
-        [64, 64], min_length=2, max_length=2
+    num_classes: int = Field(_D["num_classes"], ge=2, le=255)
+    class_names: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        [], max_length=255
     )
-    kind: Literal["domain", "class"] = "domain"
-    strategy: str = Field("naive", min_length=1, max_length=128)
+    image_size: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
+        _D["image_size"], min_length=2, max_length=2
+    )
+    kind: Literal["domain", "class"] = _D["kind"]
+    strategy: str = Field(_D["strategy"], min_length=1, max_length=128)
     strategy_params: dict[str, float | int | bool | str] = Field({}, max_length=64)
     model_widths: list[Annotated[int, Field(ge=1, le=512)]] = Field(
-        [8, 16, 32], min_length=2, max_length=5
+        _D["model_widths"], min_length=2, max_length=5
     )
-    max_experiences: int = Field(16, ge=1, le=256)
-    epochs: int = Field(2, ge=1, le=1000)
-    batch_size: int = Field(8, ge=1, le=1024)
-    lr: float = Field(0.01, gt=0, le=10)
-    checkpoint_every_steps: int = Field(20, ge=0, le=10**6)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    max_experiences: int = Field(_D["max_experiences"], ge=1, le=256)
+    epochs: int = Field(_D["epochs"], ge=1, le=1000)
+    batch_size: int = Field(_D["batch_size"], ge=1, le=1024)
+    optimizer: Literal[lineage.OPTIMIZERS] = _D["optimizer"]
+    lr: float = Field(_D["lr"], gt=0, le=10)
+    checkpoint_every_steps: int = Field(_D["checkpoint_every_steps"], ge=0, le=10**6)
+    seed: int = Field(_D["seed"], ge=0, le=2**31 - 1)
 
 
 class LineageOut(BaseModel):
@@ -45,6 +52,8 @@ class LineageOut(BaseModel):
     versions: int
     latest_version: str | None
     accuracy_matrix: list[list[float | None]]
+    # A fork's starting point (``POST /lineages/{id}/fork``): the version it continues from.
+    origin: dict[str, Any] | None
 
 
 def _versions(s: orm.Session, lineage_id: str):
@@ -64,6 +73,11 @@ def lineage_out(s: orm.Session, lin: Lineage) -> LineageOut:
         versions=len(versions),
         latest_version=latest.id if latest else None,
         accuracy_matrix=latest.metrics["accuracy_matrix"] if latest else [],
+        origin=(
+            None
+            if not lin.origin
+            else {k: lin.origin[k] for k in ("lineage_id", "version_id", "number", "dataset_ids")}
+        ),
     )
 
 
@@ -76,6 +90,65 @@ def create_lineage(who: Owner, s: Session, body: LineageIn) -> LineageOut:
     except ValueError as err:
         raise HTTPException(400, str(err)) from None
     row = Lineage(owner=who, name=name, spec=spec)
+    s.add(row)
+    s.commit()
+    return lineage_out(s, row)
+
+
+class LineagePatch(Strict):
+    name: str = Field(min_length=1, max_length=128)
+
+
+@router.patch("/lineages/{lineage_id}", responses=ERRORS)
+def rename_lineage(who: Owner, s: Session, lineage_id: Id, body: LineagePatch) -> LineageOut:
+    lin = get_owned(s, Lineage, lineage_id, who, "lineage")
+    lin.name = body.name
+    s.commit()
+    return lineage_out(s, lin)
+
+
+@router.delete("/lineages/{lineage_id}", status_code=204, responses={**ERRORS, 409: {}})
+def delete_lineage(who: Owner, s: Session, svc: Svc, lineage_id: Id) -> Response:
+    """Deletes a lineage, its versions (state and weights) and its ended jobs; 409 while one of
+    its jobs is queued or running. Its datasets stay."""
+    get_owned(s, Lineage, lineage_id, who, "lineage")
+    s.close()
+    try:
+        garbage.delete_lineage(svc.engine, svc.objects, lineage_id)
+    except garbage.InUse as err:
+        raise HTTPException(409, str(err)) from None
+    return Response(status_code=204)
+
+
+class ForkIn(Strict):
+    name: str = Field(min_length=1, max_length=128)
+    version: int = Field(ge=1)
+
+
+@router.post("/lineages/{lineage_id}/fork", status_code=201, responses=ERRORS)
+def fork_lineage(who: Owner, s: Session, lineage_id: Id, body: ForkIn) -> LineageOut:
+    """A new lineage with the same spec that continues from ``version`` (a number of this
+    lineage): its first job trains on top of that version's full CL state, after the same
+    experiences. The parent is untouched."""
+    lin = get_owned(s, Lineage, lineage_id, who, "lineage")
+    versions = _versions(s, lineage_id).all()
+    at = [v for v in versions if v.number == body.version]
+    if not at:
+        have = [v.number for v in versions]
+        raise HTTPException(
+            404, f"lineage {lineage_id} has no version {body.version}; it has {have}"
+        )
+    v = at[0]
+    earlier = [*(lin.origin or {}).get("dataset_ids", ())]
+    earlier += [u.dataset_id for u in versions if u.number <= v.number]
+    origin = {
+        "lineage_id": lin.id,
+        "version_id": v.id,
+        "number": v.number,
+        "state": dict(v.state),
+        "dataset_ids": earlier,
+    }
+    row = Lineage(owner=who, name=body.name, spec=dict(lin.spec), origin=origin)
     s.add(row)
     s.commit()
     return lineage_out(s, row)

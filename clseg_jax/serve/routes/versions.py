@@ -11,7 +11,16 @@ from pydantic import BaseModel
 
 from clseg_jax.serve import lineage, store
 from clseg_jax.serve.db import Lineage, Version
-from clseg_jax.serve.routes.deps import ERRORS, Id, Owner, Services, Session, Svc, get_owned
+from clseg_jax.serve.routes.deps import (
+    ERRORS,
+    Id,
+    Owner,
+    Services,
+    Session,
+    Svc,
+    get_owned,
+    read_upload,
+)
 
 router = APIRouter()
 
@@ -26,10 +35,16 @@ class VersionOut(BaseModel):
     avg_miou: float | None
     forgetting: float | None
     bwt: float | None
+    # Whether the version learnt its new experience: its score against the trivial predictor's
+    # (the majority class everywhere); None for versions made before the verdict existed.
+    did_not_learn: bool | None
+    new_score: float | None
+    trivial_score: float | None
 
 
 def version_out(v: Version) -> VersionOut:
     m = v.metrics
+    learning = m.get("learning") or {}
     return VersionOut(
         id=v.id,
         lineage_id=v.lineage_id,
@@ -40,6 +55,9 @@ def version_out(v: Version) -> VersionOut:
         avg_miou=m.get("avg_miou"),
         forgetting=m.get("forgetting"),
         bwt=m.get("bwt"),
+        did_not_learn=learning.get("did_not_learn"),
+        new_score=learning.get("new_score"),
+        trivial_score=learning.get("trivial_score"),
     )
 
 
@@ -94,7 +112,7 @@ def predict(
     """Segments an image: a PNG mask (mode L, class ids) at the image's size."""
     v = get_owned(s, Version, version_id, who, "version")
     spec = s.get(Lineage, v.lineage_id).spec
-    data = image.file.read(svc.settings.max_upload_bytes + 1)
+    data = read_upload(image, svc)
     run = svc.predictors.get(v.id, lambda: lineage.Predictor(spec, weights_file(svc, v)))
     try:
         png = run(data, svc.settings.max_image_pixels)
