@@ -261,6 +261,27 @@ def test_web_page_end_to_end(browser: Any, service: tuple[str, str], tmp_path: P
         word = "did not learn" if v["did_not_learn"] else "learnt"
         assert f"{v['new_score']:.3f} {word} (trivial {v['trivial_score']:.3f})" == td.text
 
+    # -- compare: version 2 against version 1, their rows of R and the differences --
+    Select(browser.find_element(By.ID, "compare-a")).select_by_value(versions[0]["id"])
+    Select(browser.find_element(By.ID, "compare-b")).select_by_value(versions[1]["id"])
+    browser.find_element(By.CSS_SELECTOR, "#compare-form button").click()
+    WebDriverWait(browser, 30).until(
+        lambda b: b.find_elements(By.CSS_SELECTOR, "#compare tr[data-kind='class']")
+    )
+    rows = [
+        http.get(f"/versions/{v['id']}/metrics").json()["accuracy_matrix"][-1] for v in versions
+    ]
+    shown = browser.find_elements(By.CSS_SELECTOR, "#compare tr[data-kind='experience']")
+    assert len(shown) == 2
+    for j, tr in enumerate(shown):
+        a = tr.find_element(By.CSS_SELECTOR, "td.a").text
+        b = tr.find_element(By.CSS_SELECTOR, "td.b").text
+        assert b == f"{rows[1][j]:.3f}", (j, b, rows[1])
+        if j >= len(rows[0]) or rows[0][j] is None:  # version 1 never saw experience 1
+            assert a == "–" and tr.find_element(By.CSS_SELECTOR, "td.diff").text == "–"
+        else:
+            assert a == f"{rows[0][j]:.3f}", (j, a, rows[0])
+
     # -- predict: a 48x40 image (not the lineage's 32x32: the mask comes back at input size) --
     image = Image.fromarray(exps[0]["x_test"][0]).resize((48, 40), Image.BILINEAR)
     image_path = tmp_path / "input.png"
