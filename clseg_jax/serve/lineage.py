@@ -88,7 +88,6 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
                 f"strategy parameter {key!r} must be {type(default).__name__} "
                 f"(default {default!r}), got {value!r}"
             )
-    _check_strategy(out)
     if not 2 <= out["num_classes"] <= 255:
         raise ValueError(f"num_classes must be in 2..255, got {out['num_classes']}")
     names = out["class_names"]
@@ -121,6 +120,7 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {out['optimizer']!r}")
     if not 0 < out["lr"] <= 10:
         raise ValueError(f"lr must be in (0, 10], got {out['lr']}")
+    _check_strategy(out)  # last: it builds the model's graph, which needs the checks above
     return out
 
 
