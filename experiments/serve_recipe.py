@@ -35,6 +35,7 @@ def stream(seed: int, n_train: int, n_test: int, size: int) -> list[dict[str, np
 def run_lineage(spec: dict, exps: list[dict], root: str) -> list[dict]:
     """Versions 1..len(exps) of one lineage; per version: seconds, diag, trivial, R row."""
     spec = lineage.validate_spec(spec)
+    os.makedirs(root, exist_ok=True)
     files, out = [], []
     workdir = os.path.join(root, "work")
     for k, arrays in enumerate(exps):

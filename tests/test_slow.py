@@ -47,3 +47,30 @@ def test_every_strategy_learns_under_bf16_as_under_float32(name, tmp_path):
             runs.append(np.mean(np.diag(np.asarray(r["accuracy_matrix"]))))
         diag[policy] = float(np.mean(runs))
     assert abs(diag["bfloat16"] - diag["float32"]) <= 0.03, diag
+
+
+@pytest.mark.parametrize("strategy", ["naive", "replay"])
+def test_the_service_default_recipe_learns_every_domain_of_an_unseen_stream(strategy, tmp_path):
+    """Issue 19: a lineage with the default recipe, grown job by job as the service grows it,
+    learns each domain of a 4-domain, 5-class, 64x64 shapes stream from another data seed than
+    the tests' to diag(R) >= 0.5, on lineage seeds 0 and 1 (about 5-6 min per seed on 2 CPU
+    cores; experiments/serve_recipe.py is the same run with timings)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "serve_recipe.py")
+    spec = importlib.util.spec_from_file_location("serve_recipe", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    exps = recipe.stream(seed=7, n_train=512, n_test=128, size=64)
+    for seed in (0, 1):
+        lineage_spec = {
+            "num_classes": 5,
+            "image_size": [64, 64],
+            "strategy": strategy,
+            "seed": seed,
+        }
+        versions = recipe.run_lineage(lineage_spec, exps, str(tmp_path / str(seed)))
+        diag = [v["new"] for v in versions]
+        assert min(diag) >= 0.5, (strategy, seed, diag)
+        assert all(v["new"] >= v["trivial"] + 0.05 for v in versions)
