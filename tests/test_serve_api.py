@@ -119,6 +119,19 @@ def test_trivial_score_is_the_majority_class_predicted_everywhere():
     assert got == pytest.approx(0.5 / 3)
 
 
+def test_a_lineage_picks_its_precision():
+    """``auto`` by default (bf16 convolutions on an accelerator worker, float32 on this CPU),
+    any of the library's policies by hand, a one-line error otherwise."""
+    spec = lineage.validate_spec({})
+    assert spec["precision"] == "auto" and lineage.train_config(spec, "").precision == "auto"
+    spec = lineage.validate_spec({"precision": "bfloat16"})
+    assert lineage.train_config(spec, "").precision == "bfloat16"
+    with pytest.raises(ValueError, match=r"unknown precision 'fp8'; valid: \['float32'"):
+        lineage.validate_spec({"precision": "fp8"})
+    old = {k: v for k, v in lineage.validate_spec({}).items() if k != "precision"}
+    assert lineage.train_config(old, "").precision == "float32"  # a lineage from before
+
+
 def test_every_route_but_health_needs_a_token(idle):
     client, _ = idle
     assert client.get("/health").status_code == 200

@@ -30,7 +30,7 @@ from flax import nnx
 from PIL import Image
 
 from clseg_jax import config as config_lib
-from clseg_jax import models, setup, strategies, tasks, train
+from clseg_jax import models, precision, setup, strategies, tasks, train
 from clseg_jax import step as step_lib
 from clseg_jax.checkpoint import Checkpointer
 from clseg_jax.models import weights as weights_lib
@@ -56,6 +56,9 @@ SPEC_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
     "checkpoint_every_steps": 20,
     "seed": 0,
+    # float32 | bfloat16 | auto (bf16 convolutions on a GPU/TPU worker, float32 on a CPU one);
+    # parameters, optimizer and strategy state stay float32 (clseg_jax/precision.py).
+    "precision": "auto",
 }
 OPTIMIZERS = ("adam", "sgd")
 # Memory batches (rows replayed per step) are half the lineage's batch_size unless a lineage sets
@@ -120,6 +123,7 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {out['optimizer']!r}")
     if not 0 < out["lr"] <= 10:
         raise ValueError(f"lr must be in (0, 10], got {out['lr']}")
+    precision.check(out["precision"])
     _check_strategy(out)  # last: it builds the model's graph, which needs the checks above
     return out
 
@@ -174,6 +178,7 @@ def train_config(spec: dict[str, Any], data_dir: str) -> ml_collections.ConfigDi
     c.max_experiences = spec["max_experiences"]
     c.checkpoint_every_steps = spec["checkpoint_every_steps"]
     c.log_every_steps = max(1, min(20, spec["checkpoint_every_steps"] or 20))
+    c.precision = spec.get("precision", "float32")  # lineages made before the field
     c.progress = False
     c.log.tensorboard = False
     c.compilation_cache_dir = ""

@@ -42,6 +42,7 @@ class LineageIn(Strict):
     lr: float = Field(_D["lr"], gt=0, le=10)
     checkpoint_every_steps: int = Field(_D["checkpoint_every_steps"], ge=0, le=10**6)
     seed: int = Field(_D["seed"], ge=0, le=2**31 - 1)
+    precision: Literal["float32", "bfloat16", "auto"] = _D["precision"]
 
 
 class LineageOut(BaseModel):
