@@ -419,6 +419,56 @@ def test_a_version_that_learnt_nothing_is_marked_and_its_job_succeeds(live, expe
     assert any(e["event"] == "checkpoint" for e in mine)
 
 
+def test_a_deeplab_lineage_starts_from_uploaded_weights(live, experiences, tmp_path):
+    """Converted weights uploaded once (``models.weights`` npz, here a DeepLab-v3 small with
+    another class count) start a DeepLab lineage: every leaf but the head's is the file's
+    (at lr 1e-9 training leaves them in place). Weights that do not fit the model, a file that
+    is not a weights npz, and deleting weights a lineage uses are refused with one line."""
+    client, auth, _ = live
+    a = auth["alice"]
+    base = {"model": "deeplabv3_small", "image_size": [32, 32], "num_classes": 3}
+    model_cfg = lineage.train_config(lineage.validate_spec(base), "").model
+    _, params, stats = models.init(model_cfg, 3, seed=5)
+    path = tmp_path / "converted.npz"
+    weights_lib.save(str(path), params, stats)
+
+    def upload(name, data):
+        return client.post("/weights", files={"file": (name, data)}, headers=a)
+
+    r = upload("converted.npz", path.read_bytes())
+    assert r.status_code == 201, r.text
+    wid = r.json()["id"]
+    assert r.json()["summary"]["parameters"] > 0
+    r = upload("x.npz", b"not an npz")
+    assert r.status_code == 400 and "must be a .npz" in r.json()["detail"]
+
+    unet_path = tmp_path / "unet.npz"
+    unet_cfg = lineage.train_config(lineage.validate_spec({"model_widths": [4, 8]}), "").model
+    weights_lib.save(str(unet_path), *models.init(unet_cfg, 2, seed=0)[1:])
+    unet_id = upload("unet.npz", unet_path.read_bytes()).json()["id"]
+    body = {"name": "d", **SPEC, "model": "deeplabv3_small", "pretrained": unet_id, "lr": 1e-9}
+    r = client.post("/lineages", json=body, headers=a)
+    assert r.status_code == 400 and "do not fit model 'deeplabv3_small'" in r.json()["detail"]
+
+    lid = _lineage(client, a, model="deeplabv3_small", pretrained=wid, lr=1e-9)
+    r = client.delete(f"/weights/{wid}", headers=a)
+    assert r.status_code == 409 and f"lineage {lid} starts from weights" in r.json()["detail"]
+    ds = _upload(client, a, experiences[0]).json()["id"]
+    job = client.post("/jobs", json={"lineage_id": lid, "dataset_id": ds}, headers=a).json()
+    done = _wait(client, a, job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    (v,) = client.get(f"/lineages/{lid}/versions", headers=a).json()
+    (tmp_path / "v1.npz").write_bytes(client.get(f"/versions/{v['id']}/weights", headers=a).content)
+    with np.load(path) as given, np.load(tmp_path / "v1.npz") as got:
+        # Parameters (BatchNorm statistics move with training whatever the rate).
+        backbone = [k for k in given.files if k.startswith("params/") and "/head/" not in k]
+        assert len(backbone) > 10
+        for k in backbone:
+            np.testing.assert_allclose(got[k], given[k], atol=1e-5, err_msg=k)
+        heads = [k for k in got.files if k.startswith("params/head/")]
+        assert heads and all(got[k].shape != given[k].shape for k in heads if k.endswith("kernel"))
+
+
 def test_a_failing_job_ends_failed_with_its_error(live, experiences):
     client, auth, home = live
     a = auth["alice"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import orm
@@ -329,3 +330,21 @@ def test_metrics_count_jobs_and_requests_and_need_a_token(app, arrays, tmp_path)
     with TestClient(api.create_app(public, start_worker=False)) as other:
         r = other.get("/metrics")
         assert r.status_code == 200 and "clseg_queue_depth 1" in r.text
+
+
+def test_uploaded_weights_are_kept_while_a_row_needs_them(app, tmp_path):
+    client, auth, engine, objects = app
+    a = auth["alice"]
+    path = tmp_path / "w.npz"
+    np.savez(path, **{"params/stem/kernel": np.ones((3, 3, 3, 4), np.float32)})
+    r = client.post("/weights", files={"file": ("w.npz", path.read_bytes())}, headers=a)
+    assert r.status_code == 201, r.text
+    key = f"weights/{r.json()['sha256']}.npz"
+    _age(objects, key, 10 * HOUR)
+    assert garbage.orphans(engine, objects, grace_s=HOUR) == []
+    assert client.get("/weights", headers=a).json()[0]["summary"] == {
+        "arrays": 1,
+        "parameters": 108,
+    }
+    assert client.delete(f"/weights/{r.json()['id']}", headers=a).status_code == 204
+    assert objects.stat(key) is None

@@ -30,6 +30,7 @@ from clseg_jax.serve.routes import (
     strategies,
     versions,
     web,
+    weights,
 )
 from clseg_jax.serve.routes.deps import hash_token
 from clseg_jax.serve.settings import Settings
@@ -44,6 +45,7 @@ ROUTERS = (
     admin.router,
     metrics.router,
     strategies.router,
+    weights.router,
 )
 
 

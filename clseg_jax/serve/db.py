@@ -68,6 +68,22 @@ class Dataset(Base):
     created_at: orm.Mapped[float] = orm.mapped_column(sa.Float, default=now)
 
 
+class Weights(Base):
+    """Pretrained weights uploaded once (a ``models.weights`` ``.npz``, e.g. converted from
+    torchvision), stored under ``weights/<sha256>.npz``; lineages start from them."""
+
+    __tablename__ = "weights"
+    __table_args__ = (sa.UniqueConstraint("owner", "sha256", name="uq_weights_owner_sha"),)
+    id: orm.Mapped[str] = orm.mapped_column(sa.String(32), primary_key=True, default=new_id)
+    owner: orm.Mapped[str] = orm.mapped_column(sa.String(64), index=True)
+    filename: orm.Mapped[str] = orm.mapped_column(sa.String(255))
+    key: orm.Mapped[str] = orm.mapped_column(sa.String(512))
+    sha256: orm.Mapped[str] = orm.mapped_column(sa.String(64))
+    size: orm.Mapped[int] = orm.mapped_column(sa.BigInteger)
+    summary: orm.Mapped[dict[str, Any]] = orm.mapped_column(sa.JSON)  # arrays, parameters
+    created_at: orm.Mapped[float] = orm.mapped_column(sa.Float, default=now)
+
+
 class Lineage(Base):
     """One model learning a stream over time: its spec (model, strategy, hyperparameters)."""
 

@@ -1,11 +1,11 @@
 """Garbage collection of the object store: objects that no row references any more.
 
-Referenced objects, never deleted: every dataset row's object (shared by content hash across
-owners), every version's ``state.tar`` and ``weights.npz``, the ``state.tar`` a fork starts
-from (``Lineage.origin``, kept when its lineage is deleted), and the checkpoint of every job
-that has not ended (a retry resumes from it). Every writer stores its object *before* committing the
-row that references it (uploads, mid-job checkpoints, versions), so an object without a row is
-either garbage or a write in flight; the grace period tells them apart.
+Referenced objects, never deleted: every dataset and weights row's object (shared by content
+hash across owners), every version's ``state.tar`` and ``weights.npz``, the ``state.tar`` a fork
+starts from (``Lineage.origin``, kept when its lineage is deleted), and the checkpoint of every
+job that has not ended (a retry resumes from it). Every writer stores its object *before*
+committing the row that references it (uploads, mid-job checkpoints, versions), so an object
+without a row is either garbage or a write in flight; the grace period tells them apart.
 
 - ``job_checkpoints``: once a job has ended, its mid-job checkpoints (``jobs/<id>/...``) are
   garbage: a version has its own ``state.tar``. The worker calls it right after ending the job;
@@ -28,7 +28,7 @@ from absl import logging
 from sqlalchemy import orm
 
 from clseg_jax.serve import db, store
-from clseg_jax.serve.db import Dataset, Job, Lineage, Version
+from clseg_jax.serve.db import Dataset, Job, Lineage, Version, Weights
 
 # An hour: far longer than any gap between writing an object and committing its row.
 GRACE_S = 3600.0
@@ -36,7 +36,7 @@ GRACE_S = 3600.0
 
 def referenced(s: orm.Session) -> set[str]:
     """Keys of every object some row needs."""
-    keys = set(s.scalars(sa.select(Dataset.key)))
+    keys = set(s.scalars(sa.select(Dataset.key))) | set(s.scalars(sa.select(Weights.key)))
     for state, weights in s.execute(sa.select(Version.state, Version.weights)):
         keys.update((state["key"], weights["key"]))
     live = sa.select(Job.checkpoint).where(
@@ -166,3 +166,17 @@ def _delete_prefix(engine: sa.Engine, objects: store.ObjectStore, prefix: str) -
             objects.delete(key)
             n += 1
     return n
+
+
+def delete_weights(engine: sa.Engine, objects: store.ObjectStore, weights_id: str) -> None:
+    """Deletes uploaded weights, refused while a lineage of their owner starts from them; the
+    object goes when no other row holds the same content."""
+    with orm.Session(engine) as s, s.begin():
+        w = s.get(Weights, weights_id)
+        for lin in s.scalars(sa.select(Lineage).where(Lineage.owner == w.owner)):
+            if lin.spec.get("pretrained") == weights_id:
+                raise InUse(f"lineage {lin.id} starts from weights {weights_id}; delete it first")
+        key = w.key
+        s.delete(w)
+    if _still_unreferenced(engine, key):
+        objects.delete(key)

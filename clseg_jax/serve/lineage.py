@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import tarfile
 from collections.abc import Sequence
@@ -48,7 +49,9 @@ SPEC_DEFAULTS: dict[str, Any] = {
     "kind": "domain",  # or "class": an experience labels the classes in its masks
     "strategy": "naive",
     "strategy_params": {},
-    "model_widths": [16, 32, 64, 128],
+    "model": "unet",  # or one of SEG_MODELS, from uploaded weights (``pretrained``)
+    "pretrained": "",  # the id of uploaded weights (POST /weights) the model starts from
+    "model_widths": [16, 32, 64, 128],  # UNet only
     "max_experiences": 16,
     "epochs": 10,
     "batch_size": 16,
@@ -61,6 +64,16 @@ SPEC_DEFAULTS: dict[str, Any] = {
     "precision": "auto",
 }
 OPTIMIZERS = ("adam", "sgd")
+# Segmentation models a lineage may train (clseg_jax.models.MODELS names); all but the UNet take
+# images whose sides are multiples of 32 (their deepest stride).
+SEG_MODELS = (
+    "unet",
+    "deeplabv3",
+    "deeplabv3_r50",
+    "deeplabv3_small",
+    "bisenet",
+    "bisenet_small",
+)
 # Memory batches (rows replayed per step) are half the lineage's batch_size unless a lineage sets
 # them: the library's 32 on top of a batch of 8 made replayed rows 80% of every step, and a
 # whole batch more made a replay job 1.7x a naive one (124 s for the first version here).
@@ -101,15 +114,22 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
         )
     if out["kind"] not in ("domain", "class"):
         raise ValueError(f"kind must be 'domain' or 'class', got {out['kind']!r}")
+    if out["model"] not in SEG_MODELS:
+        raise ValueError(f"unknown model {out['model']!r}; valid: {list(SEG_MODELS)}")
     widths = out["model_widths"]
     if not 2 <= len(widths) <= 5 or any(not 1 <= w <= 512 for w in widths):
         raise ValueError(f"model_widths must be 2..5 widths in 1..512, got {widths}")
-    stride = 2 ** (len(widths) - 1)
+    unet = out["model"] == "unet"
+    stride = 2 ** (len(widths) - 1) if unet else 32
+    why = "2**(len(model_widths)-1)" if unet else f"{out['model']}'s deepest stride"
     h, w = out["image_size"]
     if not (stride <= h <= 1024 and stride <= w <= 1024) or h % stride or w % stride:
         raise ValueError(
-            f"image_size must be multiples of {stride} (2**(len(model_widths)-1)) "
-            f"up to 1024, got {[h, w]}"
+            f"image_size must be multiples of {stride} ({why}) up to 1024, got {[h, w]}"
+        )
+    if out["pretrained"] and not re.fullmatch(r"[0-9a-f]{32}", out["pretrained"]):
+        raise ValueError(
+            f"pretrained must be the id of uploaded weights, got {out['pretrained']!r}"
         )
     for key, lo, hi in (
         ("max_experiences", 1, 256),
@@ -157,15 +177,25 @@ def _check_strategy(spec: dict[str, Any]) -> None:
         ) from None
 
 
-def train_config(spec: dict[str, Any], data_dir: str) -> ml_collections.ConfigDict:
-    """The ``train.run`` config of a lineage whose experiences lie in ``data_dir``."""
+def train_config(
+    spec: dict[str, Any], data_dir: str, pretrained: str = ""
+) -> ml_collections.ConfigDict:
+    """The ``train.run`` config of a lineage whose experiences lie in ``data_dir``;
+    ``pretrained``: the local path of its uploaded weights, when it has them."""
     c = config_lib.base_config()
     c.seed = spec["seed"]
     c.data.name = "npz"
     c.data.path = data_dir
     c.data.num_classes = spec["num_classes"]
     c.data.kind = spec["kind"]
-    c.model.kwargs.widths = tuple(spec["model_widths"])
+    name = spec.get("model", "unet")
+    c.model.name = name
+    if name == "unet":
+        c.model.kwargs.widths = tuple(spec["model_widths"])
+    else:
+        c.model.kwargs = models.kwargs_config(name)
+    # A whole model of the same layout: its head is the lineage's own (another class count).
+    c.model.pretrained.path = pretrained
     c.strategy.name = spec["strategy"]
     for key in MEMORY_BATCHES:
         c.strategy[key] = max(1, spec["batch_size"] // 2)
@@ -213,10 +243,40 @@ def unpack_checkpoint(tar_path: str, workdir: str) -> None:
 
 
 def run_experience(
-    spec: dict[str, Any], data_dir: str, workdir: str, hooks: train.Hooks | None = None
+    spec: dict[str, Any],
+    data_dir: str,
+    workdir: str,
+    hooks: train.Hooks | None = None,
+    pretrained: str = "",
 ) -> dict:
     """Trains the stream's untrained phases (normally the last one); ``{}`` if stopped."""
-    return train.run(train_config(spec, data_dir), workdir, hooks or train.Hooks())
+    config = train_config(spec, data_dir, pretrained)
+    return train.run(config, workdir, hooks or train.Hooks())
+
+
+def check_pretrained(spec: dict[str, Any], path: str) -> None:
+    """A one-line ``ValueError`` unless the weights file at ``path`` fits the lineage's model
+    (every key and shape but the head's), checked against an abstract model: nothing is
+    initialised or compiled."""
+    config = train_config(spec, "")
+    n = spec["num_classes"]
+    abstract = nnx.eval_shape(lambda: models.make(config.model, n, 0))
+    _, params, stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+
+    def template(state) -> dict:
+        """The abstract pure dict, its head concrete (``load`` keeps the template's head)."""
+        tree = state.to_pure_dict()
+        if weights_lib.HEAD in tree:
+            head = tree[weights_lib.HEAD]
+            tree[weights_lib.HEAD] = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), head)
+        return tree
+
+    try:
+        weights_lib.load(path, template(params), template(stats), skip_head=True)
+    except (ValueError, KeyError, OSError) as err:
+        raise ValueError(
+            f"these weights do not fit model {spec['model']!r}: {str(err).splitlines()[0]}"
+        ) from None
 
 
 def trivial_score(arrays: dict[str, np.ndarray], num_classes: int) -> float:

@@ -24,7 +24,7 @@ from sqlalchemy import orm
 
 from clseg_jax import train
 from clseg_jax.serve import garbage, jobs, lineage, store
-from clseg_jax.serve.db import Dataset, Job, Lineage, Version
+from clseg_jax.serve.db import Dataset, Job, Lineage, Version, Weights
 from clseg_jax.serve.settings import Settings
 
 TRANSIENT = (store.StoreError, sa.exc.OperationalError, ConnectionError, TimeoutError)
@@ -66,6 +66,10 @@ class _Plan:
             self.lineage_id = lin.id
             self.number = len(ids)
             self.dataset_id = job.dataset_id
+            w = s.get(Weights, lin.spec["pretrained"]) if lin.spec.get("pretrained") else None
+            self.pretrained = (
+                None if w is None else {"key": w.key, "size": w.size, "sha256": w.sha256}
+            )
             self.resume = job.checkpoint or (
                 versions[-1].state if versions else origin.get("state")
             )
@@ -159,6 +163,10 @@ def execute(
             leaving = shutdown is not None and shutdown.is_set()
             return stop.is_set() or leaving or time.time() > deadline
 
+        pretrained = ""
+        if plan.pretrained and not plan.resume:  # later versions start from their checkpoint
+            pretrained = os.path.join(workdir, "pretrained.npz")
+            objects.get_file(plan.pretrained["key"], pretrained, expect=_expect(plan.pretrained))
         hooks = train.Hooks(
             on_log,
             on_checkpoint,
@@ -166,7 +174,7 @@ def execute(
             handle_sigterm=False,
             should_cancel=lambda: why["cancel"],
         )
-        results = lineage.run_experience(plan.spec, data_dir, run_dir, hooks)
+        results = lineage.run_experience(plan.spec, data_dir, run_dir, hooks, pretrained)
         if why["cancel"] and not why["lost"]:  # even if the run got to its end: no version
             jobs.end(engine, job_id, worker, "cancelled", "cancelled by request")
             return ended("cancelled")

@@ -10,9 +10,10 @@ from pydantic import BaseModel, Field
 from sqlalchemy import orm
 
 from clseg_jax.serve import garbage, lineage
-from clseg_jax.serve.db import Lineage, Version
+from clseg_jax.serve.db import Lineage, Version, Weights
 from clseg_jax.serve.routes.deps import ERRORS, Id, Owner, Session, Strict, Svc, get_owned
 from clseg_jax.serve.routes.versions import VersionOut, version_out
+from clseg_jax.serve.routes.weights import weights_path
 
 router = APIRouter()
 
@@ -30,6 +31,8 @@ class LineageIn(Strict):
         _D["image_size"], min_length=2, max_length=2
     )
     kind: Literal["domain", "class"] = _D["kind"]
+    model: Literal[lineage.SEG_MODELS] = _D["model"]
+    pretrained: str = Field(_D["pretrained"], max_length=32)
     strategy: str = Field(_D["strategy"], min_length=1, max_length=128)
     strategy_params: dict[str, float | int | bool | str] = Field({}, max_length=64)
     model_widths: list[Annotated[int, Field(ge=1, le=512)]] = Field(
@@ -83,11 +86,14 @@ def lineage_out(s: orm.Session, lin: Lineage) -> LineageOut:
 
 
 @router.post("/lineages", status_code=201, responses={**ERRORS, 400: {}})
-def create_lineage(who: Owner, s: Session, body: LineageIn) -> LineageOut:
+def create_lineage(who: Owner, s: Session, svc: Svc, body: LineageIn) -> LineageOut:
     spec = body.model_dump()
     name = spec.pop("name")
     try:
         spec = lineage.validate_spec(spec)
+        if spec["pretrained"]:  # the weights must be this owner's and fit the model
+            w = get_owned(s, Weights, spec["pretrained"], who, "weights")
+            lineage.check_pretrained(spec, weights_path(svc, w))
     except ValueError as err:
         raise HTTPException(400, str(err)) from None
     row = Lineage(owner=who, name=name, spec=spec)
