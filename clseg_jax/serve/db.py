@@ -51,37 +51,36 @@ class Token(Base):
     expires_at: orm.Mapped[float | None] = orm.mapped_column(sa.Float)  # None: never
 
 
-class Dataset(Base):
+class StoredUpload:
+    """The columns of an upload stored content-addressed (``<prefix>/<sha256>.npz``): one row per
+    owner and content (``routes/deps.Services.store_unique``), one object per content."""
+
+    id: orm.Mapped[str] = orm.mapped_column(sa.String(32), primary_key=True, default=new_id)
+    owner: orm.Mapped[str] = orm.mapped_column(sa.String(64), index=True)
+    filename: orm.Mapped[str] = orm.mapped_column(sa.String(255))
+    key: orm.Mapped[str] = orm.mapped_column(sa.String(512))
+    sha256: orm.Mapped[str] = orm.mapped_column(sa.String(64))
+    size: orm.Mapped[int] = orm.mapped_column(sa.BigInteger)
+    summary: orm.Mapped[dict[str, Any]] = orm.mapped_column(sa.JSON)
+    created_at: orm.Mapped[float] = orm.mapped_column(sa.Float, default=now)
+
+
+class Dataset(StoredUpload, Base):
     """One uploaded experience, normalised to ``.npz`` and stored under ``datasets/<sha256>.npz``
     (content-addressed: the same arrays uploaded twice are one object)."""
 
     __tablename__ = "datasets"
     __table_args__ = (sa.UniqueConstraint("owner", "sha256", name="uq_datasets_owner_sha"),)
-    id: orm.Mapped[str] = orm.mapped_column(sa.String(32), primary_key=True, default=new_id)
-    owner: orm.Mapped[str] = orm.mapped_column(sa.String(64), index=True)
-    filename: orm.Mapped[str] = orm.mapped_column(sa.String(255))
-    key: orm.Mapped[str] = orm.mapped_column(sa.String(512))
-    sha256: orm.Mapped[str] = orm.mapped_column(sa.String(64))
-    size: orm.Mapped[int] = orm.mapped_column(sa.BigInteger)
     num_classes: orm.Mapped[int] = orm.mapped_column(sa.Integer)
-    summary: orm.Mapped[dict[str, Any]] = orm.mapped_column(sa.JSON)
-    created_at: orm.Mapped[float] = orm.mapped_column(sa.Float, default=now)
 
 
-class Weights(Base):
+class Weights(StoredUpload, Base):
     """Pretrained weights uploaded once (a ``models.weights`` ``.npz``, e.g. converted from
-    torchvision), stored under ``weights/<sha256>.npz``; lineages start from them."""
+    torchvision), stored under ``weights/<sha256>.npz``; lineages start from them. ``summary``:
+    their array and parameter counts."""
 
     __tablename__ = "weights"
     __table_args__ = (sa.UniqueConstraint("owner", "sha256", name="uq_weights_owner_sha"),)
-    id: orm.Mapped[str] = orm.mapped_column(sa.String(32), primary_key=True, default=new_id)
-    owner: orm.Mapped[str] = orm.mapped_column(sa.String(64), index=True)
-    filename: orm.Mapped[str] = orm.mapped_column(sa.String(255))
-    key: orm.Mapped[str] = orm.mapped_column(sa.String(512))
-    sha256: orm.Mapped[str] = orm.mapped_column(sa.String(64))
-    size: orm.Mapped[int] = orm.mapped_column(sa.BigInteger)
-    summary: orm.Mapped[dict[str, Any]] = orm.mapped_column(sa.JSON)  # arrays, parameters
-    created_at: orm.Mapped[float] = orm.mapped_column(sa.Float, default=now)
 
 
 class Lineage(Base):

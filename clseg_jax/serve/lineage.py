@@ -148,6 +148,12 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _abstract_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
+    """The lineage's model with shapes only (``nnx.eval_shape``): nothing initialised or
+    compiled, what the checks at creation need."""
+    return nnx.eval_shape(lambda: models.make(config.model, num_classes, 0))
+
+
 def _check_strategy(spec: dict[str, Any]) -> None:
     """Builds the lineage's strategy as a job will (its values checked by its own factory: an
     unknown policy, a stream it cannot train), without data or a model: the graph definition is
@@ -159,7 +165,7 @@ def _check_strategy(spec: dict[str, Any]) -> None:
     def forward(*args, **kwargs):
         raise RuntimeError("a strategy called the model while being built")
 
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.make(config.model, n, 0)))
+    graphdef = nnx.graphdef(_abstract_model(config, n))
     env = base.Env(
         forward=forward,
         num_classes=n,
@@ -258,9 +264,7 @@ def check_pretrained(spec: dict[str, Any], path: str) -> None:
     """A one-line ``ValueError`` unless the weights file at ``path`` fits the lineage's model
     (every key and shape but the head's), checked against an abstract model: nothing is
     initialised or compiled."""
-    config = train_config(spec, "")
-    n = spec["num_classes"]
-    abstract = nnx.eval_shape(lambda: models.make(config.model, n, 0))
+    abstract = _abstract_model(train_config(spec, ""), spec["num_classes"])
     _, params, stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
 
     def template(state) -> dict:

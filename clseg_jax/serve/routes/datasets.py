@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated, Any
 
 import sqlalchemy as sa
@@ -58,33 +57,17 @@ def upload_dataset(
         arrays = uploads.parse_upload(data, file.filename or "", num_classes, svc.limits)
     except uploads.UploadError as err:
         raise HTTPException(400, str(err)) from None
-    blob = uploads.to_npz_bytes(arrays)
-    sha = hashlib.sha256(blob).hexdigest()
-    same = sa.select(Dataset).where(Dataset.owner == who, Dataset.sha256 == sha)
-    existing = s.scalar(same)
-    if existing is not None:
-        return _same_upload(existing, num_classes)
-    obj = svc.objects.put_bytes(f"datasets/{sha}.npz", blob)  # verified before the row exists
-    row = Dataset(
-        owner=who,
+    row, created = svc.store_unique(
+        s,
+        Dataset,
+        who,
+        "datasets",
+        uploads.to_npz_bytes(arrays),
         filename=(file.filename or "")[:255],
-        key=obj.key,
-        sha256=obj.sha256,
-        size=obj.size,
         num_classes=num_classes,
         summary=uploads.summary(arrays),
     )
-    s.add(row)
-    try:
-        s.commit()
-    except sa.exc.IntegrityError:  # the same content uploaded concurrently
-        s.rollback()
-        return _same_upload(s.scalar(same), num_classes)
-    # Another owner's dataset of this content may have been deleted, and its object with it,
-    # between the write above and this row's commit (garbage.py): the row must not dangle.
-    if svc.objects.stat(obj.key) is None:
-        svc.objects.put_bytes(obj.key, blob)
-    return dataset_out(row)
+    return dataset_out(row) if created else _same_upload(row, num_classes)
 
 
 def _same_upload(existing: Dataset, num_classes: int) -> DatasetOut:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -75,6 +76,38 @@ class Services:
     def limits(self) -> uploads.Limits:
         s = self.settings
         return uploads.Limits(max_bytes=s.max_upload_bytes, max_image_pixels=s.max_image_pixels)
+
+    def cached(self, obj: store.StoredObject) -> str:
+        """A stored ``.npz`` in this process's local cache (fetched and verified on first use;
+        content-addressed by its SHA-256, so a cached copy never goes stale)."""
+        path = os.path.join(self.settings.scratch, "cache", f"{obj.sha256}.npz")
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.objects.get_file(obj.key, path, expect=obj)
+        return path
+
+    def store_unique(self, s: orm.Session, model, owner: str, prefix: str, blob: bytes, **fields):
+        """``(row, created)``: ``owner``'s ``model`` row (a ``db.StoredUpload``) for these bytes,
+        made if new: the object ``<prefix>/<sha256>.npz`` is written before the row (garbage.py),
+        and checked again after the commit, since another owner's row of the same content may
+        have been deleted, and the object with it, in between. A concurrent upload of the same
+        bytes by the same owner yields its row."""
+        sha = hashlib.sha256(blob).hexdigest()
+        same = sa.select(model).where(model.owner == owner, model.sha256 == sha)
+        existing = s.scalar(same)
+        if existing is not None:
+            return existing, False
+        obj = self.objects.put_bytes(f"{prefix}/{sha}.npz", blob)
+        row = model(owner=owner, key=obj.key, sha256=obj.sha256, size=obj.size, **fields)
+        s.add(row)
+        try:
+            s.commit()
+        except sa.exc.IntegrityError:
+            s.rollback()
+            return s.scalar(same), False
+        if self.objects.stat(obj.key) is None:
+            self.objects.put_bytes(obj.key, blob)
+        return row, True
 
     def enqueue(self, job_id: str) -> None:
         """Tells the queue that ``job_id`` waits (best effort: the database is the truth)."""

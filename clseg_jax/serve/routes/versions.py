@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, HTTPException, UploadFile
@@ -63,12 +62,7 @@ def version_out(v: Version) -> VersionOut:
 
 def weights_file(svc: Services, v: Version) -> str:
     """The version's weights in the local cache (fetched and verified on first use)."""
-    w = v.weights
-    path = os.path.join(svc.settings.scratch, "cache", f"{w['sha256']}.npz")
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        svc.objects.get_file(w["key"], path, expect=store.StoredObject(**w))
-    return path
+    return svc.cached(store.StoredObject(**v.weights))
 
 
 @router.get("/versions/{version_id}", responses=ERRORS)

@@ -4,9 +4,7 @@ DeepLab-v3 or BiSeNet (or a UNet) start from (``"pretrained": <id>``)."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 from typing import Annotated, Any
 
 import numpy as np
@@ -64,11 +62,7 @@ def summarize(data: bytes) -> dict[str, Any]:
 
 def weights_path(svc: Services, w: Weights) -> str:
     """The weights in the local cache (fetched and verified on first use)."""
-    path = os.path.join(svc.settings.scratch, "cache", f"{w.sha256}.npz")
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        svc.objects.get_file(w.key, path, expect=store.StoredObject(w.key, w.size, w.sha256))
-    return path
+    return svc.cached(store.StoredObject(w.key, w.size, w.sha256))
 
 
 @router.post("/weights", status_code=201, responses={**ERRORS, 400: {}, 413: {}})
@@ -84,28 +78,9 @@ def upload_weights(
         summary = summarize(data)
     except ValueError as err:
         raise HTTPException(400, str(err)) from None
-    sha = hashlib.sha256(data).hexdigest()
-    same = sa.select(Weights).where(Weights.owner == who, Weights.sha256 == sha)
-    existing = s.scalar(same)
-    if existing is not None:
-        return WeightsOut.model_validate(existing)
-    obj = svc.objects.put_bytes(f"weights/{sha}.npz", data)  # before the row (garbage.py)
-    row = Weights(
-        owner=who,
-        filename=(file.filename or "")[:255],
-        key=obj.key,
-        sha256=obj.sha256,
-        size=obj.size,
-        summary=summary,
+    row, _ = svc.store_unique(
+        s, Weights, who, "weights", data, filename=(file.filename or "")[:255], summary=summary
     )
-    s.add(row)
-    try:
-        s.commit()
-    except sa.exc.IntegrityError:  # the same bytes uploaded concurrently
-        s.rollback()
-        return WeightsOut.model_validate(s.scalar(same))
-    if svc.objects.stat(obj.key) is None:  # another owner's copy was collected meanwhile
-        svc.objects.put_bytes(obj.key, data)
     return WeightsOut.model_validate(row)
 
 
