@@ -16,7 +16,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clseg_jax import distributed, paths, report, train
+from clseg_jax import distributed, hostmem, paths, report, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and results go.")
@@ -27,6 +27,7 @@ def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
     workdir = _WORKDIR.value
+    logging.info(hostmem.keep_freed_memory())  # before JAX's threads first allocate
     stop_watchdog = distributed.initialize(config)  # before anything asks JAX for its devices
     try:
         _run(config, workdir)

@@ -51,7 +51,7 @@ def step_bench(config: ml_collections.ConfigDict, steps: int, peak_tflops: float
     batch = jax.device_put(batch, setup.feed_sharding(parts))
     key, mask = parts.arrays["rng"], jnp.ones(parts.stream.num_classes, bool)
     carried = (parts.arrays["state"], parts.arrays["sstate"], *setup.fresh_accumulators(parts))
-    med, times = _time_steps(lambda *c: compiled(*c, batch, key, mask), carried, steps, WARMUP)
+    med, times, _ = _time_steps(lambda *c: compiled(*c, batch, key, mask), carried, steps, WARMUP)
     return _figures(b / med, med, times, compile_s, _xla_flops(compiled), peak_tflops)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clseg_jax import metrics
+from clseg_jax import hostmem, metrics
 from experiments.bench_step import environment
 
 SHAPES = {"W1": ((8, 64, 64), 5), "W3": ((8, 512, 512), 21), "ADE": ((8, 512, 512), 151)}
@@ -41,6 +41,7 @@ def _time(fn, args, reps: int) -> float:
 
 
 def main() -> None:
+    print(hostmem.keep_freed_memory(), flush=True)  # before JAX's threads allocate
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="experiments/results/bench_confusion.json")
     p.add_argument("--rounds", type=int, default=5)

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clseg_jax import ensemble, setup
+from clseg_jax import ensemble, hostmem, setup
 from configs import shapes_di
 from experiments.bench_step import environment, write_json
 
@@ -69,6 +69,7 @@ def _runner(room, parts, batch: dict):
 
 
 def main() -> None:
+    print(hostmem.keep_freed_memory(), flush=True)  # before JAX's threads allocate
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--members", default="1,2,4,8")
     p.add_argument("--chunks", default="auto,vmap")

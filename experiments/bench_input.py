@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clseg_jax import setup, sharding, train
+from clseg_jax import hostmem, setup, sharding, train
 from clseg_jax.data import feed, tiny_layouts
 from configs import shapes_di, voc_ci
 from experiments.bench_step import environment
@@ -87,6 +87,7 @@ def w1_loop(prefetches: tuple[int, ...], rounds: int, workdir: str) -> dict:
 
 
 def main() -> None:
+    print(hostmem.keep_freed_memory(), flush=True)  # before JAX's threads allocate
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="experiments/results/bench_input.json")
     p.add_argument("--images", type=int, default=96, help="training images in the VOC folder")

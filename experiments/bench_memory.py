@@ -31,7 +31,7 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clseg_jax import models, setup, strategies
+from clseg_jax import hostmem, models, setup, strategies
 from clseg_jax import step as step_lib
 from clseg_jax.kernels import select
 from clseg_jax.models import layers
@@ -207,6 +207,7 @@ def main() -> None:
     parser.add_argument("--out", default="experiments/results/bench_memory.json")
     parser.add_argument("--cond-only", action="store_true", help="part 3 alone (printed, no JSON)")
     args = parser.parse_args()
+    print(hostmem.keep_freed_memory(), flush=True)  # before JAX's threads allocate
     if args.cond_only:
         conv_in_cond("xla")
         conv_in_cond("onednn")

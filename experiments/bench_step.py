@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -33,7 +34,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clseg_jax import losses, models, sharding, strategies
+from clseg_jax import hostmem, losses, models, sharding, strategies
 from clseg_jax import step as step_lib
 from clseg_jax.strategies import base
 from configs import npz as npz_config
@@ -43,17 +44,20 @@ NUM_CLASSES = 5
 
 
 def _time_steps(fn, args, steps: int, warmup: int):
-    """Median seconds per call; ``fn`` returns the new ``args`` (donated state threads through)."""
+    """``(median seconds per call, all of them, minor page faults per call)``; ``fn`` returns the
+    new ``args`` (donated state threads through)."""
     for _ in range(warmup):
         args = fn(*args)
     jax.block_until_ready(args)
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
         t0 = time.perf_counter()
         args = fn(*args)
         jax.block_until_ready(args)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return statistics.median(times), times, faults / steps
 
 
 def matmul_gflops(n: int = 2048, reps: int = 10, dtype=jnp.float32) -> float:
@@ -90,6 +94,8 @@ def environment() -> dict:
             "devices": [str(d) for d in jax.devices()],
             "cpu_count": os.cpu_count(),
         },
+        # clseg_jax/hostmem.py: "keep" where the bench called keep_freed_memory first thing.
+        "host_memory": os.environ.get("CLSEG_HOST_MEMORY", "keep"),
     }
 
 
@@ -130,10 +136,10 @@ def bench_bare(cfg, batch_size: int, size: int, steps: int, warmup: int):
         jax.jit(step, donate_argnums=(0, 1, 2)).lower(params, stats, opt_state, batch).compile()
     )
     compile_s = time.perf_counter() - t0
-    med, times = _time_steps(
+    med, times, faults = _time_steps(
         lambda p, s, o: compiled(p, s, o, batch), (params, stats, opt_state), steps, warmup
     )
-    return med, times, compile_s, _xla_flops(compiled)
+    return med, times, faults, compile_s, _xla_flops(compiled)
 
 
 def bench_naive(cfg, batch_size: int, size: int, steps: int, warmup: int):
@@ -162,8 +168,10 @@ def bench_naive(cfg, batch_size: int, size: int, steps: int, warmup: int):
     t0 = time.perf_counter()
     compiled = jitted.lower(*carried, batch, key, mask).compile()
     compile_s = time.perf_counter() - t0
-    med, times = _time_steps(lambda *c: compiled(*c, batch, key, mask), carried, steps, warmup)
-    return med, times, compile_s, _xla_flops(compiled)
+    med, times, faults = _time_steps(
+        lambda *c: compiled(*c, batch, key, mask), carried, steps, warmup
+    )
+    return med, times, faults, compile_s, _xla_flops(compiled)
 
 
 BENCHES = {"bare": bench_bare, "naive": bench_naive}
@@ -212,6 +220,7 @@ def main() -> None:
     )
     parser.add_argument("--out", default="experiments/results/bench_step.json")
     args = parser.parse_args()
+    print(hostmem.keep_freed_memory(), flush=True)  # before JAX's threads allocate
 
     if args.torch and not os.path.exists(args.torch):
         raise SystemExit(
@@ -235,7 +244,7 @@ def main() -> None:
             for which in args.which.split(","):
                 if which not in BENCHES:
                     raise SystemExit(f"unknown --which {which!r}; valid: {sorted(BENCHES)}")
-                med, times, compile_s, xla = BENCHES[which](
+                med, times, faults, compile_s, xla = BENCHES[which](
                     cfg, args.batch, args.size, args.steps, args.warmup
                 )
                 ips = args.batch / med
@@ -245,6 +254,7 @@ def main() -> None:
                         "images_per_s": ips,
                         "step_ms_median": med * 1e3,
                         "step_ms_all": [t * 1e3 for t in times],
+                        "page_faults_per_step": faults,
                         "compile_s": compile_s,
                         "gflops_analytic": gflops,
                         "fraction_of_matmul_peak": gflops / peak,
@@ -253,7 +263,8 @@ def main() -> None:
                 )
                 print(
                     f"round {r} {which:6s} {impl:6s} {ips:7.1f} images/s  {med * 1e3:7.1f} "
-                    f"ms/step  compile {compile_s:5.1f} s  {gflops / peak:.0%} of matmul peak",
+                    f"ms/step  compile {compile_s:5.1f} s  {gflops / peak:.0%} of matmul peak  "
+                    f"{faults:6.0f} page faults/step",
                     flush=True,
                 )
     summary = {

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clseg_jax import models, strategies, train
+from clseg_jax import hostmem, models, strategies, train
 from clseg_jax import step as step_lib
 from clseg_jax.strategies import base
 from configs import behaviour_di, w2
@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--quality-seeds", default="", help="e.g. 0,1 (adds the quality sweep)")
     parser.add_argument("--out", default="experiments/results/bench_strategies.json")
     args = parser.parse_args()
+    print(hostmem.keep_freed_memory(), flush=True)  # before JAX's threads allocate
     result = {
         "workload": "W2 model and batch (W1 UNet, SGD), step per strategy; EWC Fisher pass",
         "device": str(jax.devices()[0]),

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clseg_jax import models, sharding, strategies
+from clseg_jax import hostmem, models, sharding, strategies
 from clseg_jax import step as step_lib
 from clseg_jax.strategies import base
 from experiments.bench_step import _time_steps, _xla_flops, environment, matmul_gflops
@@ -117,7 +117,7 @@ def bench(
     t0 = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    med, times = _time_steps(lambda *c: compiled(*c, batch, key, mask), carried, steps, warmup)
+    med, times, _ = _time_steps(lambda *c: compiled(*c, batch, key, mask), carried, steps, warmup)
     flops = _xla_flops(compiled)
     return {
         "images_per_s": batch_size / med,
@@ -142,6 +142,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="override the preset's batch")
     parser.add_argument("--out", default="experiments/results/bench_w3_cpu.json")
     args = parser.parse_args()
+    print(hostmem.keep_freed_memory(), flush=True)  # before JAX's threads allocate
 
     preset = dict(PRESETS[args.preset])
     if args.batch:

@@ -94,7 +94,7 @@ from flax import nnx  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from clseg_jax import models  # noqa: E402
+from clseg_jax import hostmem, models  # noqa: E402
 from clseg_jax.models import layers, weights  # noqa: E402
 from clseg_jax.synthesis import deepinversion  # noqa: E402
 
@@ -465,6 +465,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="accelerator run: 2,000 iterations")
     parser.add_argument("--out", default="experiments/results/bench_w4_cpu.json")
     args = parser.parse_args()
+    print(hostmem.keep_freed_memory(), flush=True)  # before JAX's threads allocate
     args.threads = len(os.sched_getaffinity(0))  # after --cores: what XLA's thread pool got
     if not os.path.exists(args.torch_python):
         sys.exit(

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clseg_jax import checkpoint, members, train
+from clseg_jax import checkpoint, hostmem, members, train
 from configs import shapes_di
 from experiments.bench_step import environment, write_json
 
@@ -52,6 +52,7 @@ def _params(workdir: str):
 
 
 def main() -> None:
+    print(hostmem.keep_freed_memory(), flush=True)  # before JAX's threads allocate
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--strategies", default="naive,ewc")
     p.add_argument("--optimizers", default="adam,sgd")

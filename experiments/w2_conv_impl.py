@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_step import cpu_model, environment, write_json
 
-from clseg_jax import train
+from clseg_jax import hostmem, train
 from configs import w2
 
 
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--impls", default="xla,onednn")
     parser.add_argument("--out", default="experiments/results/w2_naive_onednn.json")
     args = parser.parse_args()
+    print(hostmem.keep_freed_memory(), flush=True)  # before JAX's threads allocate
     runs: dict = {}
     for r in range(args.rounds):
         for impl in args.impls.split(","):

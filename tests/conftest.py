@@ -19,6 +19,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # their numbers, so they compute the same on every machine (2 pytest workers on this 2-core one).
 os.environ.setdefault("CLSEG_ONEDNN_THREADS", "1")
 
+# As a run does (clseg_jax/main.py): before any JAX thread allocates, so that compiled steps
+# reuse their temporary buffers instead of page-faulting them in afresh on every call.
+from clseg_jax import hostmem  # noqa: E402
+
+hostmem.keep_freed_memory()
+
 # anyio is a pytest plugin, so pytest rewrites its modules on import; Starlette's FileResponse
 # imports anyio's file module lazily, and that import (an ast.parse) racing another thread's
 # compile trips CPython 3.11's "AST constructor recursion depth mismatch" in the serve tests.

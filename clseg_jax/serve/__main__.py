@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="serve_data/example")
     p.add_argument("--experiences", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.command in ("serve", "worker"):
+        from clseg_jax import hostmem
+
+        print(hostmem.keep_freed_memory(), file=sys.stderr)  # before JAX's threads allocate
 
     from clseg_jax.serve import db
     from clseg_jax.serve.settings import Settings

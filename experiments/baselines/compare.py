@@ -92,6 +92,9 @@ def run_ours(
 ) -> dict:
     """Our side in this process: ``train.run`` on ``configs/w2.py`` in a fresh workdir (an
     existing one would resume)."""
+    from clseg_jax import hostmem
+
+    print(hostmem.keep_freed_memory(), flush=True)  # as the CLI does, before JAX's threads
     sys.path.insert(0, HERE)
     import export
     import jax
