@@ -73,7 +73,8 @@ BASELINES_STAMP := $(BASELINES_VENV)/.installed
 
 $(BASELINES_STAMP): requirements.txt pyproject.toml
 	test -x $(BASELINES_VENV)/bin/python || $(PY) -m venv $(BASELINES_VENV)
-	$(BASELINES_VENV)/bin/python -m pip install -q -r requirements.txt -e ".[baselines]"
+	$(BASELINES_VENV)/bin/python -m pip install -q -r requirements.txt -e ".[baselines,onednn]"
+	$(BASELINES_VENV)/bin/python -m clseg_jax.kernels.build
 	touch $(BASELINES_STAMP)
 
 baselines: $(BASELINES_STAMP)

@@ -7,6 +7,8 @@ the step, the evaluator, and any eager op a host-side hook runs (each compiles o
 
 from __future__ import annotations
 
+import os
+
 import jax
 
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
@@ -37,3 +39,16 @@ class Counter:
 
     def __exit__(self, *exc) -> None:
         jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def use_persistent_cache(path: str | None) -> None:
+    """Keeps compiled programs in JAX's persistent cache in ``path``
+    (``config.compilation_cache_dir``), so that a rerun of a config loads its programs instead of
+    compiling them again.
+
+    An explicit JAX setting (``JAX_COMPILATION_CACHE_DIR``, the tests') wins; an empty path does
+    nothing.
+    """
+    if path and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

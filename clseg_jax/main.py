@@ -16,7 +16,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clseg_jax import distributed, hostmem, paths, report, train
+from clseg_jax import compiles, distributed, hostmem, paths, report, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and results go.")
@@ -36,10 +36,7 @@ def main(argv: list[str]) -> None:
 
 
 def _run(config, workdir: str) -> None:
-    cache = config.get("compilation_cache_dir")
-    if cache and not jax.config.jax_compilation_cache_dir:  # an explicit JAX setting wins
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    compiles.use_persistent_cache(config.get("compilation_cache_dir"))
     if config.get("compare"):
         rows = {}
         for name in config.compare:

@@ -89,6 +89,7 @@ def run_ours(
     epochs: int | None,
     workdir: str,
     stream_path: str | None = None,
+    xla_cache: str | None = None,
 ) -> dict:
     """Our side in this process: ``train.run`` on ``configs/w2.py`` in a fresh workdir (an
     existing one would resume)."""
@@ -99,10 +100,12 @@ def run_ours(
     import export
     import jax
 
-    from clseg_jax import train
+    from clseg_jax import compiles, train
 
     config = export.w2_config(strategy, train_per_exp, epochs)
     config.progress = False
+    if xla_cache:  # as the CLI does with the config's compilation_cache_dir
+        compiles.use_persistent_cache(xla_cache)
     if stream_path:
         check_same_stream(config, stream_path)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -161,6 +164,8 @@ def run_pair(strategy: str, args: argparse.Namespace, export_dir: str, work: str
         cmd += ["--train-per-exp", str(args.train_per_exp)]
     if args.epochs:
         cmd += ["--epochs", str(args.epochs)]
+    if args.xla_cache:
+        cmd += ["--xla-cache", args.xla_cache]
     print(f"\n=== {strategy}: clseg_jax", flush=True)
     out["clseg_jax"] = _timed_side(cmd, ours_json)
 
@@ -240,6 +245,13 @@ def main() -> None:
         "PyTorch's spinning OpenMP threads fight the other load (baselines/README.md: 'Threads').",
     )
     # Internal: the clseg_jax side's subprocess.
+    parser.add_argument(
+        "--xla-cache",
+        default=None,
+        help="our side keeps compiled programs in this persistent cache, as the CLI does by "
+        "default (config.compilation_cache_dir): a second run loads them (default: none, every "
+        "run compiles)",
+    )
     parser.add_argument("--worker-ours", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-result", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-stream", default=None, help=argparse.SUPPRESS)
@@ -247,7 +259,12 @@ def main() -> None:
 
     if args.worker_ours:
         res = run_ours(
-            args.worker_ours, args.train_per_exp, args.epochs, args.workdir, args.worker_stream
+            args.worker_ours,
+            args.train_per_exp,
+            args.epochs,
+            args.workdir,
+            args.worker_stream,
+            args.xla_cache,
         )
         with open(args.worker_result, "w") as f:
             json.dump(res, f, indent=1)
@@ -298,6 +315,7 @@ def main() -> None:
             "train_per_exp": args.train_per_exp or 512,
             "epochs": args.epochs or 2,
             "omp_wait_policy": args.omp_wait_policy or "default",
+            "xla_cache": args.xla_cache,
         },
         "rows": rows,
         "table": text,
