@@ -204,6 +204,16 @@ def test_runs_resume_across_implementations_and_a_resumed_onednn_run_is_identica
     np.testing.assert_allclose(mixed["accuracy_matrix"], whole["accuracy_matrix"], atol=0.05)
 
 
+def test_a_1x1_kernel_over_a_1x1_map_stays_a_matrix_product():
+    # Global-pooling branches (ASPP, BiSeNet): measured faster as XLA's dot (layers.conv2d).
+    x, k = _operands((4, 1, 1, 32), 1, 16)
+    conv = jax.jit(_conv("onednn", (1, 1), "SAME", (1, 1)))
+    assert "clseg_conv" not in conv.lower(x, k).as_text()
+    np.testing.assert_allclose(conv(x, k), _conv("xla", (1, 1), "SAME", (1, 1))(x, k), rtol=1e-6)
+    x, k = _operands((4, 2, 2, 32), 1, 16)
+    assert "clseg_conv_forward" in conv.lower(x, k).as_text()
+
+
 def test_auto_is_onednn_on_this_cpu_run():
     parts = setup.build(tiny.config())
     assert parts.env.conv_impl == "onednn"

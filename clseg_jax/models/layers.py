@@ -23,6 +23,12 @@ from clseg_jax.kernels import onednn
 from clseg_jax.kernels.onednn import Pads
 
 
+def _is_matmul(x: jax.Array, kernel: jax.Array, padding) -> bool:
+    """A 1x1 kernel over an unpadded 1x1 map: ``[N,1,1,I] @ [I,O]``."""
+    unpadded = all(lo == 0 and hi == 0 for lo, hi in padding)
+    return x.shape[1:3] == (1, 1) and kernel.shape[:2] == (1, 1) and unpadded
+
+
 def conv2d(
     x: jax.Array,
     kernel: jax.Array,
@@ -35,12 +41,14 @@ def conv2d(
     """``x [N,H,W,I] * kernel [KH,KW,I,O] -> [N,OH,OW,O]``: every convolution of the models.
 
     ``impl`` (``model.conv_impl`` resolved, see ``kernels/select.py``): ``"xla"`` or
-    ``"onednn"``.
+    ``"onednn"``. Under ``"onednn"`` a 1x1 kernel over a 1x1 map (the global-pooling branches of
+    ASPP and BiSeNet) is a matrix product and stays XLA's: oneDNN took 1.4-2.2x XLA's time on
+    every such convolution of the models in two runs (``experiments/bench_conv_shapes.py``).
     """
     if padding == "SAME":
         window = [d * (k - 1) + 1 for k, d in zip(kernel.shape[:2], dilation, strict=True)]
         padding = tuple(jax.lax.padtype_to_pads(x.shape[1:3], window, strides, "SAME"))
-    if impl == "onednn":
+    if impl == "onednn" and not _is_matmul(x, kernel, padding):
         return onednn.conv2d(x, kernel, strides, padding, dilation)
     return jax.lax.conv_general_dilated(
         x,
