@@ -106,9 +106,14 @@ NUM_CLASSES = 10
 # ----------------------------------------------------------------------------- the teacher
 
 
-def make_teacher(seed: int, path: str | None) -> tuple[nnx.GraphDef, dict, dict]:
-    """ResNet-18 (small input), from ``path`` or freshly initialised with randomised BatchNorms."""
-    cfg = ml_collections.ConfigDict({"name": "resnet18", "kwargs": {"small_input": True}})
+def make_teacher(
+    seed: int, path: str | None, conv_impl: str = "auto"
+) -> tuple[nnx.GraphDef, dict, dict]:
+    """ResNet-18 (small input), from ``path`` or freshly initialised with randomised BatchNorms;
+    convolutions by ``conv_impl`` (``auto``: oneDNN on a CPU where built, as a run's default)."""
+    cfg = ml_collections.ConfigDict(
+        {"name": "resnet18", "kwargs": {"small_input": True}, "conv_impl": conv_impl}
+    )
     graphdef, params, stats = models.init(cfg, NUM_CLASSES, seed)
     if path:
         params, stats = weights.load(path, params, stats)
@@ -459,6 +464,9 @@ def main() -> None:
     parser.add_argument("--teacher", help="a trained teacher's .npz (default: randomised)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--conv-impl", default="auto", help="the teacher's model.conv_impl: auto | xla | onednn"
+    )
+    parser.add_argument(
         "--cores", type=int, default=None, help="pin both sides to the first N CPUs (default: all)"
     )
     parser.add_argument("--torch-python", default=TORCH_PYTHON)
@@ -478,7 +486,7 @@ def main() -> None:
 
     total_iters = args.blocks * args.block_iters
     cfg = deepinversion.DIConfig()._replace(iterations=total_iters)
-    graphdef, params, stats = make_teacher(args.seed, args.teacher)
+    graphdef, params, stats = make_teacher(args.seed, args.teacher, args.conv_impl)
     load = [list(os.getloadavg())]
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
@@ -550,6 +558,7 @@ def main() -> None:
         "timed_iterations_per_path": total_iters,
         "torch_warmup_iterations": args.warmup,
         "teacher": args.teacher or f"models.init seed {args.seed}, BatchNorms randomised",
+        "conv_impl": args.conv_impl,
         "hyperparameters": torch_cfg,
         "di_config": cfg._asdict(),
         "summary": summary,
