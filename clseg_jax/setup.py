@@ -91,6 +91,20 @@ def validate_names(config: ml_collections.ConfigDict) -> None:
     members.make(config)  # the ensemble's fields (one-line errors)
 
 
+def _check_model_fits_task(name: str, stream: data_base.Stream, task: tasks.Task) -> None:
+    """A one-line ``ValueError`` when the model's output (per image or per pixel) is not what
+    the stream's labels ask for, before anything is compiled."""
+    per_image = task.name != "segmentation"
+    if per_image == (name in models.IMAGE_MODELS):
+        return
+    fits = sorted(models.IMAGE_MODELS if per_image else set(models.MODELS) - models.IMAGE_MODELS)
+    labels = "a class per image" if per_image else "a class per pixel"
+    raise ValueError(
+        f"model {name!r} does not fit the {stream.name!r} stream: its labels give {labels} "
+        f"({task.name}); models that do: {fits}"
+    )
+
+
 def model_config(config: ml_collections.ConfigDict, devices: int) -> ml_collections.ConfigDict:
     """``config.model`` with the precision's dtype and ``conv_impl`` resolved for a mesh of
     ``devices`` (``kernels/select.py``)."""
@@ -191,6 +205,8 @@ def build(
     mesh = sharding.make_mesh(config.sharding.mesh)
     model_cfg = model_config(config, mesh.size)
     stream = stream if stream is not None else data.make(config.data)
+    label_shape = row_shapes(stream, config.augment.crop)[1]
+    _check_model_fits_task(config.model.name, stream, tasks.for_stream(stream.kind, label_shape))
     graphdef, params, batch_stats = init_model(model_cfg, stream.num_classes, config.seed)
     input_norm = config.model.get("input_norm", "symmetric")
     forward = step_lib.make_forward(graphdef, input_norm)

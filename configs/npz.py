@@ -10,18 +10,21 @@ initialisation), batch 32, SGD lr 0.01 momentum 0.9, 2 epochs per experience, no
 
 ``--config.data.num_classes=K`` fixes the class count (default: inferred from the labels);
 ``--config.data.kind=class`` treats the folder as class-incremental (classes present in each
-file's training labels are that experience's classes).
+file's training labels are that experience's classes). ``model=resnet18`` (or another
+``clseg_jax.models.MODELS`` name) swaps the model with its own ``model.kwargs``: a folder with
+``[N]`` class ids (classification) needs one of the ResNets.
 """
 
 from __future__ import annotations
 
 from clseg_jax import config as config_lib
+from clseg_jax import models
 
-EXAMPLE_ARGS = (None, "strategy=joint")
+EXAMPLE_ARGS = (None, "strategy=joint", "model=resnet18")
 
 
 def get_config(arg: str | None = None):
-    a = config_lib.parse_arg(arg, strategy="naive", seed=0)
+    a = config_lib.parse_arg(arg, strategy="naive", seed=0, model="unet")
     c = config_lib.base_config()
     c.seed = a.seed
     c.data.name = "npz"
@@ -29,4 +32,7 @@ def get_config(arg: str | None = None):
     c.data.num_classes = 0
     c.data.kind = "domain"
     c.strategy.name = a.strategy
+    if a.model != "unet":
+        c.model.name = a.model
+        c.model.kwargs = models.kwargs_config(a.model)
     return c

@@ -9,8 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from clseg_jax import data
+from clseg_jax import data, models, setup, train
 from clseg_jax.data import base, digits, npz, shapes
+from tests import tiny
 
 SMALL = {"image_size": 32, "train_per_exp": 16, "test_per_exp": 8, "seed": 0}
 
@@ -357,6 +358,69 @@ def test_npz_labels_out_of_range(tmp_path: Path):
     neg = {**good, "y_train": good["y_train"].copy()}
     neg["y_train"][0, 0, 0] = -1
     _expect_error(tmp_path, [neg], "exp0.npz", "y_train", "negative")
+
+
+def _class_arrays(rng, n=6, size=8, classes=3) -> dict[str, np.ndarray]:
+    x = rng.integers(0, 256, (n + n // 2, size, size, 3), dtype=np.uint8)
+    y = rng.integers(0, classes, n + n // 2)
+    return {"x_train": x[:n], "y_train": y[:n], "x_test": x[n:], "y_test": y[n:]}
+
+
+def test_npz_class_ids_make_a_classification_stream(tmp_path: Path):
+    rng = np.random.default_rng(7)
+    a, b = _class_arrays(rng, classes=2), _class_arrays(rng, classes=2)
+    b["y_train"] = b["y_train"] + 2  # the second experience brings classes 2 and 3
+    b["y_test"] = b["y_test"] + 2
+    npz.write(tmp_path, [a, b])
+    stream = npz.make(ml_collections.ConfigDict({"path": str(tmp_path), "kind": "class"}))
+    assert stream.num_classes == 4
+    assert stream.class_names == ("class_0", "class_1", "class_2", "class_3")  # no background
+    assert [e.classes for e in stream.experiences] == [(0, 1), (2, 3)]
+    np.testing.assert_array_equal(stream.experiences[1].test.labels, b["y_test"])
+    assert setup.make_env(stream, None, None).task.name == "classification"
+
+
+def test_npz_label_forms_do_not_mix(tmp_path: Path):
+    rng = np.random.default_rng(8)
+    masks, classes = _arrays(rng), _class_arrays(rng, n=4)
+    _expect_error(tmp_path, [masks, classes], "exp1.npz", "[N] class ids", "same kind")
+    split_mix = {**classes, "y_test": rng.integers(0, 3, (2, 8, 8))}
+    _expect_error(tmp_path, [split_mix], "exp0.npz", "must both be masks or both class ids")
+    wrong = {**classes, "y_train": classes["y_train"][:3]}
+    _expect_error(tmp_path, [wrong], "exp0.npz", "y_train", "[N,H,W] = [4, 8, 8] or [N] = [4]")
+
+
+def test_a_model_that_does_not_fit_the_labels_is_one_line(tmp_path: Path):
+    npz.write(tmp_path, [_class_arrays(np.random.default_rng(9))])
+    config = tiny.config()
+    config.data = ml_collections.ConfigDict({"name": "npz", "path": str(tmp_path)})
+    with pytest.raises(ValueError) as err:
+        setup.build(config)  # the tiny config's UNet segments
+    msg = str(err.value)
+    assert "\n" not in msg and "model 'unet' does not fit" in msg and "'resnet18'" in msg
+
+
+def test_an_npz_classification_folder_trains_and_scores_accuracy(tmp_path: Path):
+    # Two experiences of two classes each; a class is a colour, so a small ResNet learns it.
+    rng = np.random.default_rng(10)
+    colours = np.array([[220, 40, 40], [40, 220, 40], [40, 40, 220], [220, 220, 40]], np.uint8)
+
+    def experience(classes):
+        y = rng.choice(classes, 48)
+        x = colours[y][:, None, None, :] + rng.integers(0, 30, (48, 16, 16, 3), dtype=np.uint8)
+        return {"x_train": x[:32], "y_train": y[:32], "x_test": x[32:], "y_test": y[32:]}
+
+    npz.write(tmp_path, [experience([0, 1]), experience([2, 3])])
+    config = tiny.config(epochs=8)  # 32 Adam steps per experience
+    config.data = ml_collections.ConfigDict(
+        {"name": "npz", "path": str(tmp_path), "num_classes": 0, "kind": "class"}
+    )
+    config.model.name = "resnet18"
+    config.model.kwargs = models.kwargs_config("resnet18", widths=(8, 8, 8, 8))
+    results = train.run(config, str(tmp_path / "run"))
+    assert results["metric"] == "accuracy"
+    r = np.asarray(results["accuracy_matrix"], np.float64)
+    assert r.shape == (2, 2) and r[0, 0] > 0.75 and r[1, 1] > 0.75, r  # chance: 0.5
 
 
 def test_unknown_dataset_lists_valid_names():

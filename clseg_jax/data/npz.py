@@ -1,14 +1,17 @@
 """User-provided streams: a folder of ``exp0.npz, exp1.npz, ...``, one file per experience.
 
 Each file holds ``x_train`` uint8 ``[N,H,W,3]``, ``y_train`` integer ``[N,H,W]``, ``x_test`` and
-``y_test`` likewise; labels are full labels (0 = background, 255 = ignore). Files are ordered by
+``y_test`` likewise; labels are full labels (0 = background, 255 = ignore). Labels ``[N]`` instead
+(one class per image, no background class) make it a classification stream, scored by accuracy;
+every file of a stream has the same kind of labels. Files are ordered by
 their number (``exp10`` comes after ``exp9``) and must be numbered 0..n-1 without gaps. All images
 must share one size. Every problem is reported as a one-line ``ValueError`` naming the file and
 array.
 
 Config fields: ``path`` (folder), ``num_classes`` (<= 0: inferred as the largest non-ignore label
 + 1), ``kind`` ("domain", default: every experience labels all classes; "class": an experience
-labels the classes present in its ``y_train``, plus background), optional ``class_names``.
+labels the classes present in its ``y_train``, plus background for masks), optional
+``class_names``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import numpy as np
 from clseg_jax.data import base, checks
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+# Label forms: what each means.
+LABELS = {"masks": "[N,H,W] masks", "classes": "[N] class ids"}
+_LABEL_DIMS = {"masks": "[N,H,W]", "classes": "[N]"}
 _FILE = re.compile(r"exp(0|[1-9][0-9]*)\.npz")
 
 
@@ -58,17 +64,25 @@ def _load(file: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def check_arrays(arrays: Mapping[str, np.ndarray], where: str) -> None:
+def check_arrays(
+    arrays: Mapping[str, np.ndarray], where: str, labels: tuple[str, ...] = ("masks", "classes")
+) -> None:
     """Dtypes and shapes of the four arrays (``ARRAYS``) and no negative label; a one-line
-    ``ValueError`` starting with ``where`` otherwise (the service's uploads share it)."""
+    ``ValueError`` starting with ``where`` otherwise (the service's uploads share it).
+    ``labels``: the label forms accepted, ``"masks"`` ``[N,H,W]`` and/or ``"classes"`` ``[N]``;
+    both splits must have the same form."""
+    forms = set()
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         checks.rgb_images(x, f"{where}: x_{split}")
-        if y.shape != x.shape[:3]:
+        shapes = {"masks": x.shape[:3], "classes": x.shape[:1]}
+        form = next((f for f in labels if y.shape == shapes[f]), None)
+        if form is None:
+            valid = " or ".join(f"{_LABEL_DIMS[f]} = {list(shapes[f])}" for f in labels)
             raise ValueError(
-                f"{where}: y_{split} must be [N,H,W] = {list(x.shape[:3])} "
-                f"matching x_{split}, got shape {list(y.shape)}"
+                f"{where}: y_{split} must be {valid} matching x_{split}, got shape {list(y.shape)}"
             )
+        forms.add(form)
         if not np.issubdtype(y.dtype, np.integer):
             raise ValueError(f"{where}: y_{split} must have an integer dtype, got {y.dtype}")
         if y.size and y.min() < 0:
@@ -76,6 +90,13 @@ def check_arrays(arrays: Mapping[str, np.ndarray], where: str) -> None:
                 f"{where}: y_{split} has negative labels (min {int(y.min())}); "
                 f"use 0..num_classes-1 and 255 = ignore"
             )
+    if len(forms) > 1:
+        raise ValueError(f"{where}: y_train and y_test must both be masks or both class ids")
+
+
+def label_form(arrays: Mapping[str, np.ndarray]) -> str:
+    """``"masks"`` (segmentation) or ``"classes"`` (classification) of checked arrays."""
+    return "masks" if arrays["y_train"].ndim == 3 else "classes"
 
 
 def make(cfg: ml_collections.ConfigDict) -> base.Stream:
@@ -90,7 +111,13 @@ def make(cfg: ml_collections.ConfigDict) -> base.Stream:
     data = [_load(f) for f in files]
 
     first = data[0]["x_train"].shape[1:3]
+    form = label_form(data[0])
     for f, d in zip(files, data, strict=True):
+        if label_form(d) != form:
+            raise ValueError(
+                f"npz: {f} has {LABELS[label_form(d)]} but {files[0]} has {LABELS[form]}; "
+                "every experience of a stream needs the same kind of labels"
+            )
         for split in ("train", "test"):
             if d[f"x_{split}"].shape[1:3] != first:
                 raise ValueError(
@@ -121,6 +148,8 @@ def make(cfg: ml_collections.ConfigDict) -> base.Stream:
             raise ValueError(
                 f"npz: config.class_names has {len(names)} names for {num_classes} classes"
             )
+    elif form == "classes":
+        names = tuple(f"class_{c}" for c in range(num_classes))
     else:
         names = ("background", *(f"class_{c}" for c in range(1, num_classes)))
 
@@ -130,10 +159,12 @@ def make(cfg: ml_collections.ConfigDict) -> base.Stream:
             classes = tuple(range(num_classes))
         else:
             present = np.unique(d["y_train"])
-            classes = tuple(sorted({0, *present[present != base.IGNORE].tolist()}))
+            present = set(present[present != base.IGNORE].tolist())
+            classes = tuple(sorted(present | ({0} if form == "masks" else set())))
         name = f.stem
-        train = base.ArraySource(d["x_train"], d["y_train"].astype(np.uint8), f"npz/{name}/train")
-        test = base.ArraySource(d["x_test"], d["y_test"].astype(np.uint8), f"npz/{name}/test")
+        source = base.ArraySource if form == "masks" else base.LabelSource
+        train = source(d["x_train"], d["y_train"].astype(np.uint8), f"npz/{name}/train")
+        test = source(d["x_test"], d["y_test"].astype(np.uint8), f"npz/{name}/test")
         exps.append(base.Experience(k, name, classes, train, test))
     return base.Stream("npz", kind, num_classes, names, tuple(exps))
 

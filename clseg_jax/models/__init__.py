@@ -47,6 +47,10 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     "bisenet_small": functools.partial(bisenet.BiSeNet, **_SMALL),
 }
 
+# Models with one output per image ([B,K] logits: classification, multi-label); the others
+# predict a class per pixel.
+IMAGE_MODELS = frozenset({"resnet18", "resnet34", "resnet50", "resnet101"})
+
 
 # The constructor's own arguments, not the user's: the head size comes from the stream.
 _NOT_KWARGS = ("num_classes", "rngs")

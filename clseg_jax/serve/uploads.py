@@ -361,7 +361,7 @@ def _parse_npz(
     except _DECODE_ERRORS as err:
         raise UploadError(f"{where}: cannot be read as .npz ({_line(err)})") from None
     try:
-        npz.check_arrays(arrays, where)
+        npz.check_arrays(arrays, where, labels=("masks",))  # lineages segment
     except ValueError as err:
         raise UploadError(str(err)) from None
     first = size
