@@ -38,6 +38,12 @@ SCRIPT = textwrap.dedent(
     out["image_shards"] = sorted({tuple(s.data.shape) for s in batch["image"].addressable_shards})
     out["n_shards"] = len(batch["image"].addressable_shards)
     out["all_reduce"] = "all-reduce" in setup.compile_step(setup.build(cfg)).as_text()
+    # conv_impl=auto on 8 devices: XLA's convolutions (the oneDNN call is not partitioned), so
+    # the step gathers no activations: its only collectives reduce.
+    auto = setup.build(tiny.config(**{k: v for k, v in SHORT.items() if k != "model.conv_impl"}))
+    hlo = setup.compile_step(auto).as_text()
+    out["auto"] = {"impl": auto.env.conv_impl, "all_gather": "all-gather" in hlo,
+                   "custom_call": "clseg_conv" in hlo}
     for name, mesh_axes in (("one", (("data", 1),)), ("eight", (("data", -1),))):
         c = tiny.config(**SHORT)
         c.sharding.mesh = mesh_axes
@@ -128,6 +134,7 @@ def test_eight_devices_match_one(tmp_path):
     assert out["devices"] == 8
     assert out["n_shards"] == 8 and out["image_shards"] == [[2, 32, 32, 3]]
     assert out["all_reduce"], "the compiled step has no gradient all-reduce"
+    assert out["auto"] == {"impl": "xla", "all_gather": False, "custom_call": False}, out["auto"]
     one, eight = out["one"], out["eight"]
     assert len(one["losses"]) == len(eight["losses"]) > 0
     for a, b in zip(one["losses"], eight["losses"], strict=True):
