@@ -3,6 +3,7 @@
 One counter for the trainer (``timing.compiles_per_phase`` in results.json) and the tests. It
 listens to JAX's own monitoring event for backend compiles, so it sees every compiled program:
 the step, the evaluator, and any eager op a host-side hook runs (each compiles on first use).
+``use_persistent_cache`` points JAX's persistent compilation cache at the config's folder.
 """
 
 from __future__ import annotations

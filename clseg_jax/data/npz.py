@@ -27,9 +27,8 @@ import numpy as np
 from clseg_jax.data import base, checks
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
-# Label forms: what each means.
+# Label forms: their shape, then what they are.
 LABELS = {"masks": "[N,H,W] masks", "classes": "[N] class ids"}
-_LABEL_DIMS = {"masks": "[N,H,W]", "classes": "[N]"}
 _FILE = re.compile(r"exp(0|[1-9][0-9]*)\.npz")
 
 
@@ -78,7 +77,7 @@ def check_arrays(
         shapes = {"masks": x.shape[:3], "classes": x.shape[:1]}
         form = next((f for f in labels if y.shape == shapes[f]), None)
         if form is None:
-            valid = " or ".join(f"{_LABEL_DIMS[f]} = {list(shapes[f])}" for f in labels)
+            valid = " or ".join(f"{LABELS[f].split()[0]} = {list(shapes[f])}" for f in labels)
             raise ValueError(
                 f"{where}: y_{split} must be {valid} matching x_{split}, got shape {list(y.shape)}"
             )
