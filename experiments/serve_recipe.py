@@ -7,8 +7,15 @@ than the tests' usual 0. Each version is trained as the service's job trains it
 checkpoint), timed, and scored: diag(R) per experience and the trivial predictor's score for
 the same experience (``lineage.trivial_score``).
 
+``--task classification``: the same four looks with one shape per image, labelled by its kind
+(``example.class_experiences``: 4 classes, no background), at 32x32, trained by a ResNet-18
+lineage (the default widths 16-32-64-128); R holds accuracies and the trivial predictor is the
+majority class.
+
     python experiments/serve_recipe.py --out experiments/results/serve_recipe.json
     python experiments/serve_recipe.py --spec '{"epochs": 2, "model_widths": [8, 16, 32]}'
+    python experiments/serve_recipe.py --task classification --seeds 0 \
+        --out experiments/results/serve_recipe_classification.json
 """
 
 from __future__ import annotations
@@ -27,9 +34,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clseg_jax.serve import example, lineage
 
 
-def stream(seed: int, n_train: int, n_test: int, size: int) -> list[dict[str, np.ndarray]]:
-    """The four-domain, 5-class shapes stream as npz arrays per experience."""
+def stream(
+    seed: int, n_train: int, n_test: int, size: int, task: str = "segmentation"
+) -> list[dict[str, np.ndarray]]:
+    """The four-domain shapes stream as npz arrays per experience: 5-class masks, or for
+    ``task="classification"`` one shape per image and its kind ([N] class ids, 4 classes)."""
+    if task == "classification":
+        return example.class_experiences(4, size, n_train, n_test, seed)
     return example.experiences(4, size, n_train, n_test, seed, binary=False)
+
+
+# Per task: the lineage fields the stream needs, and its image side.
+TASKS = {
+    "segmentation": ({"num_classes": 5}, 64),
+    "classification": ({"num_classes": 4, "model": "resnet18"}, 32),
+}
 
 
 def run_lineage(spec: dict, exps: list[dict], root: str) -> list[dict]:
@@ -70,15 +89,17 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=512)
     p.add_argument("--n-test", type=int, default=128)
     p.add_argument("--experiences", type=int, default=4, help="the stream's first N domains")
+    p.add_argument("--task", choices=sorted(TASKS), default="segmentation")
     p.add_argument("--out", default="")
     a = p.parse_args()
-    exps = stream(a.data_seed, a.n_train, a.n_test, 64)[: a.experiences]
+    fields, size = TASKS[a.task]
+    exps = stream(a.data_seed, a.n_train, a.n_test, size, a.task)[: a.experiences]
     runs = []
     for strategy in a.strategies.split(","):
         for seed in (int(s) for s in a.seeds.split(",")):
             spec = {
-                "num_classes": 5,
-                "image_size": [64, 64],
+                **fields,
+                "image_size": [size, size],
                 **json.loads(a.spec),
                 "strategy": strategy,
                 "seed": seed,
@@ -104,6 +125,7 @@ def main() -> None:
 def _write(a: argparse.Namespace, runs: list[dict]) -> None:
     report = {
         "command": " ".join(sys.argv),
+        "task": a.task,
         "data_seed": a.data_seed,
         "defaults": lineage.SPEC_DEFAULTS,
         "cpu": _cpu(),

@@ -12,8 +12,10 @@ import io
 import json
 import logging
 import os
+import re
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,6 +119,51 @@ def test_trivial_score_is_the_majority_class_predicted_everywhere():
     y_test = np.array([[[0, 0, 255], [1, 2, 255]]], np.uint8)
     got = lineage.trivial_score({"y_train": y_train, "y_test": y_test}, num_classes=4)
     assert got == pytest.approx(0.5 / 3)
+
+
+def test_trivial_score_of_class_ids_is_the_majority_class_accuracy():
+    """By hand: class 1 is the most frequent training label (255 left out), so every test image
+    is called 1: right on 2 of the 4 labelled test images (the 255 one is not counted)."""
+    arrays = {
+        "y_train": np.array([0, 1, 1, 2, 255, 255, 255], np.uint8),
+        "y_test": np.array([1, 0, 1, 2, 255], np.uint8),
+    }
+    assert lineage.trivial_score(arrays, num_classes=3) == pytest.approx(0.5)
+
+
+def test_a_resnet_lineage_classifies():
+    """A ResNet model makes a classification lineage: its widths are the 4 stages', any image
+    size from 8 px takes it (the CIFAR stem under 64 px a side), class names have no
+    background, and the strategies that segment are refused in one line."""
+    spec = lineage.validate_spec({"model": "resnet18", "image_size": [28, 28], "num_classes": 3})
+    assert lineage.task_of(spec) == "classification" and lineage.task_of({}) == "segmentation"
+    model = lineage.train_config(spec, "").model
+    assert model.name == "resnet18" and model.kwargs.small_input
+    assert tuple(model.kwargs.widths) == tuple(lineage.SPEC_DEFAULTS["model_widths"])
+    big = lineage.validate_spec({"model": "resnet34", "image_size": [64, 96]})
+    assert not lineage.train_config(big, "").model.kwargs.small_input
+    with pytest.raises(ValueError, match=r"its 4 stages' widths, got \[4, 8\]"):
+        lineage.validate_spec({"model": "resnet18", "model_widths": [4, 8]})
+    with pytest.raises(ValueError, match=r"must name all 3 classes or be empty"):
+        lineage.validate_spec({"model": "resnet18", "num_classes": 3, "class_names": ["a"]})
+    with pytest.raises(ValueError, match=r"8\.\.1024 a side"):
+        lineage.validate_spec({"model": "resnet18", "image_size": [4, 32]})
+    for name in ("mib", "plop"):
+        with pytest.raises(ValueError, match=rf"'{name}' cannot train.*segmentation only"):
+            lineage.validate_spec({"model": "resnet18", "strategy": name})
+    lineage.validate_spec({"model": "resnet18", "strategy": "icarl"})  # it classifies
+    # The page's model picker offers exactly the lineage's models, each under its task.
+    page = (Path(api.__file__).parent / "web" / "index.html").read_text()
+    for task, names in (
+        ("segmentation", lineage.SEG_MODELS),
+        ("classification", lineage.CLS_MODELS),
+    ):
+        group = re.search(rf'<optgroup label="{task}.*?</optgroup>', page, re.S).group(0)
+        assert sorted(re.findall(r'<option value="(\w+)"', group)) == sorted(names), task
+    with pytest.raises(ValueError, match=r"unknown model 'vgg'; valid: .*'resnet18'"):
+        lineage.validate_spec({"model": "vgg"})
+    with pytest.raises(ValueError, match=r"model 'deeplabv3_r101'.*'resnet18'.*\(classification\)"):
+        lineage.validate_spec({"model": "deeplabv3_r101"})
 
 
 def test_a_lineage_picks_its_precision():
@@ -288,6 +335,31 @@ def test_job_checks_dataset_against_lineage(idle, experiences):
         "/jobs", json={"lineage_id": lid, "dataset_id": "0" * 31}, headers=auth["alice"]
     )
     assert r.status_code == 422
+    # Class ids do not train a segmentation lineage, nor masks a classification one.
+    seg = _lineage(client, auth["alice"])
+    cls = _lineage(client, auth["alice"], model="resnet18", model_widths=[4, 4, 8, 8])
+    one = example.class_experiences(1, n_train=4, n_test=2)[0]
+    ids = _upload(client, auth["alice"], one, num_classes=4)
+    assert ids.status_code == 201 and ids.json()["summary"]["labels"] == "classes"
+    for lin, dataset, holds in (
+        (seg, ids.json()["id"], "[N] class ids"),
+        (cls, ds, "[N,H,W] masks"),
+    ):
+        r = client.post(
+            "/jobs", json={"lineage_id": lin, "dataset_id": dataset}, headers=auth["alice"]
+        )
+        assert r.status_code == 400 and f"holds {holds}" in r.json()["detail"], r.text
+
+
+def test_strategies_say_which_tasks_they_train(idle):
+    client, auth = idle
+    r = client.get("/strategies", headers=auth["alice"])
+    by_name = {st["name"]: st["unavailable"] for st in r.json()}
+    assert by_name["naive"] == {"segmentation": None, "classification": None}
+    assert by_name["icarl"]["classification"] is None and by_name["icarl"]["segmentation"]
+    for name in ("mib", "plop"):
+        assert by_name[name]["segmentation"] is None
+        assert "segmentation only" in by_name[name]["classification"]
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -374,7 +446,7 @@ def test_two_jobs_grow_a_lineage_as_one_run_would(live, experiences, tmp_path):
     want = lineage.Predictor(spec, str(tmp_path / "w.npz"))
     assert mask.shape == (32, 32)
     np.testing.assert_array_equal(
-        mask, np.asarray(Image.open(io.BytesIO(want(buf.getvalue(), 10**6))))
+        mask, np.asarray(Image.open(io.BytesIO(want.segment(buf.getvalue(), 10**6))))
     )
     r = client.post(
         f"/versions/{versions[1]['id']}/predict",
@@ -469,6 +541,67 @@ def test_a_deeplab_lineage_starts_from_uploaded_weights(live, experiences, tmp_p
         assert heads and all(got[k].shape != given[k].shape for k in heads if k.endswith("kernel"))
 
 
+def test_a_classification_lineage_grows_an_accuracy_matrix_and_names_classes(live, tmp_path):
+    """A ResNet lineage trained on two uploads of [N] class ids (a class-folder zip, an .npz):
+    R holds accuracies, the verdict compares with the majority class's accuracy, and predict
+    answers JSON naming the class, the same as the version's weights through ``Predictor``."""
+    client, auth, _ = live
+    a = auth["alice"]
+    exps = example.class_experiences(2, size=32, n_train=16, n_test=8, seed=4)
+    names = list(example.CLASS_NAMES)
+    body = {**SPEC, "model": "resnet18", "model_widths": [4, 4, 8, 8], "num_classes": 4}
+    lid = _lineage(client, a, class_names=names, **body)
+    assert client.get(f"/lineages/{lid}", headers=a).json()["task"] == "classification"
+    zipped = _upload(client, a, exps[0], num_classes=4)
+    assert zipped.status_code == 201, zipped.text
+    arrays = {k: v.astype(np.int64) if k[0] == "y" else v for k, v in exps[1].items()}
+    r = client.post(
+        "/datasets?num_classes=4",
+        files={"file": ("day2.npz", io.BytesIO(_npz_bytes(arrays)))},
+        headers=a,
+    )
+    assert r.status_code == 201, r.text
+    for ds in (zipped.json()["id"], r.json()["id"]):
+        job = client.post("/jobs", json={"lineage_id": lid, "dataset_id": ds}, headers=a).json()
+        done = _wait(client, a, job["id"])
+        assert done["state"] == "succeeded", done["error"]
+    versions = client.get(f"/lineages/{lid}/versions", headers=a).json()
+    assert [v["metric"] for v in versions] == ["accuracy", "accuracy"]
+    metrics = client.get(f"/versions/{versions[1]['id']}/metrics", headers=a).json()
+    R = metrics["accuracy_matrix"]
+    assert metrics["metric"] == "accuracy" and metrics["class_names"] == names
+    assert len(R) == 2 and len(R[1]) == 2 and all(0 <= x <= 1 for x in R[1])
+    # An accuracy on 8 test images is a multiple of 1/8.
+    assert all(abs(x * 8 - round(x * 8)) < 1e-6 for x in R[1])
+    for v, arrays in zip(versions, exps, strict=True):
+        assert v["trivial_score"] == pytest.approx(lineage.trivial_score(arrays, 4))
+
+    buf = io.BytesIO()
+    Image.fromarray(exps[1]["x_test"][0]).save(buf, "PNG")
+    r = client.post(
+        f"/versions/{versions[1]['id']}/predict",
+        files={"image": ("x.png", buf.getvalue())},
+        headers=a,
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    out = r.json()
+    assert out["class_names"] == names and out["name"] == names[out["class"]]
+    assert sum(out["probabilities"]) == pytest.approx(1, abs=1e-4)
+    assert out["class"] == int(np.argmax(out["probabilities"]))
+    weights = tmp_path / "w.npz"
+    weights.write_bytes(client.get(f"/versions/{versions[1]['id']}/weights", headers=a).content)
+    spec = client.get(f"/lineages/{lid}", headers=a).json()["spec"]
+    want = lineage.Predictor(spec, str(weights)).classify(buf.getvalue(), 10**6)
+    assert want["class"] == out["class"]
+    np.testing.assert_allclose(out["probabilities"], want["probabilities"], atol=1e-5)
+
+
+def _npz_bytes(arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
 def test_a_failing_job_ends_failed_with_its_error(live, experiences):
     client, auth, home = live
     a = auth["alice"]
@@ -486,11 +619,12 @@ def test_a_failing_job_ends_failed_with_its_error(live, experiences):
 
 def test_cancelling_a_running_job_stops_it_without_a_version(tmp_path_factory, experiences):
     # A lease of 60 s renews every 20 s: a cancel seen only at a renewal (the old path) would
-    # take seconds to tens of seconds, the 0.2 s poll well under one.
+    # take seconds to tens of seconds, the 0.2 s poll well under one. No periodic checkpoints:
+    # a stop waits for a save in flight (5 s here under load, with one every step).
     app, auth = _client(tmp_path_factory.mktemp("cancel"), True, lease_s=60)
     a = auth["alice"]
     with TestClient(app) as client:
-        lid = _lineage(client, a, epochs=200)
+        lid = _lineage(client, a, epochs=200, checkpoint_every_steps=0)
         ds = _upload(client, a, experiences[0]).json()["id"]
         job = client.post("/jobs", json={"lineage_id": lid, "dataset_id": ds}, headers=a).json()
         _wait_for_progress(client, a, job["id"])

@@ -123,7 +123,7 @@ def test_valid_zip(prefix):
         np.testing.assert_array_equal(out[a], want, err_msg=a)
     assert (out["y_train"] == 255).any()  # ignore survives
     want = {"n_train": 2, "n_test": 1, "height": H, "width": W, "classes": [0, 1, 2]}
-    assert summary(out) == want
+    assert summary(out) == {**want, "labels": "masks"}
     # The lineage's size is accepted; stored (uncompressed) members too.
     parse_upload(make_zip(sample()[0], zipfile.ZIP_STORED), "u.zip", K, image_size=(H, W))
 
@@ -329,7 +329,7 @@ def test_layout_errors():
         "train/images/sub/a.png",
         "train/masks/a.jpg",
     ):
-        rejects(make_zip({**entries, path: b"x"}), f"unexpected path {path}", "valid layout")
+        rejects(make_zip({**entries, path: b"x"}), f"unexpected path {path}", "valid layouts")
     rejects(make_zip({**entries, "train/images/a.jpeg": b"x"}), "share the name")
     two_tops = {f"{i}/{k}": v for i, (k, v) in enumerate(entries.items())}
     rejects(make_zip(two_tops), "unexpected path")
@@ -337,6 +337,68 @@ def test_layout_errors():
     msg = rejects(make_zip({**entries, long: b"x"}), "unexpected path")
     assert len(msg) < 600
     assert str(UploadError("two\nlines  ")) == "two lines"
+
+
+def classes_sample(prefix: str = "") -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
+    """A valid classification upload: train class 2 (b, a) and class 0 (z); test class 1."""
+    rng = np.random.default_rng(1)
+    x = {n: rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for n in "abzc"}
+    c_bytes = jpeg(x["c"])
+    entries = {  # out of order: rows come out by class id, then name
+        f"{prefix}train/2/b.png": png(x["b"]),
+        f"{prefix}train/0/z.png": png(x["z"]),
+        f"{prefix}train/2/a.PNG": png(x["a"]),
+        f"{prefix}test/1/c.jpeg": c_bytes,
+    }
+    expected = {
+        "x_train": np.stack([x["z"], x["a"], x["b"]]),
+        "y_train": np.array([0, 2, 2], np.uint8),
+        "x_test": np.asarray(Image.open(io.BytesIO(c_bytes)).convert("RGB"))[None],
+        "y_test": np.array([1], np.uint8),
+    }
+    return entries, expected
+
+
+@pytest.mark.parametrize("prefix", ["", "pets/"])
+def test_valid_classification_zip_and_npz(prefix):
+    entries, expected = classes_sample(prefix)
+    out = parse_upload(make_zip({**entries, f"{prefix}train/0/.DS_Store": b"x"}), "c.zip", K)
+    for a, want in expected.items():
+        assert out[a].dtype == np.uint8 and out[a].shape == want.shape, a
+        np.testing.assert_array_equal(out[a], want, err_msg=a)
+    want = {"n_train": 3, "n_test": 1, "height": H, "width": W, "classes": [0, 2]}
+    assert summary(out) == {**want, "labels": "classes"}
+    # The same arrays as an .npz (int64 class ids) parse to the same thing.
+    as_npz = {**expected, "y_train": expected["y_train"].astype(np.int64)}
+    back = parse_upload(to_npz_bytes(as_npz), "c.npz", K)
+    for a, want in expected.items():
+        assert back[a].dtype == np.uint8
+        np.testing.assert_array_equal(back[a], want, err_msg=a)
+
+
+def test_classification_upload_errors():
+    entries, expected = classes_sample()
+    rejects(make_zip({**entries, "train/7/q.png": entries["train/0/z.png"]}), "label 7", "0..2")
+    for path in ("train/255/q.png", "train/cat/q.png", "train/0/sub/q.png", "train/0/q.txt"):
+        rejects(make_zip({**entries, path: b"x"}), f"unexpected path {path}", "valid layouts")
+    mixed = {**entries, **sample()[0]}
+    rejects(make_zip(mixed), "both images/masks folders", "class-id folders")
+    no_test = {k: v for k, v in entries.items() if not k.startswith("test/")}
+    rejects(make_zip(no_test), "'test' has no images")
+    # An .npz mixing the two label forms, or class ids of another length.
+    rejects(
+        to_npz_bytes({**expected, "y_test": np.zeros((1, H, W), np.uint8)}),
+        "y_train and y_test must both be masks or both class ids",
+        filename="m.npz",
+    )
+    rejects(
+        to_npz_bytes({**expected, "y_train": np.zeros(2, np.uint8)}),
+        "y_train must be [N,H,W] = [3, 4, 6] or [N] = [3]",
+        filename="m.npz",
+    )
+    rejects(
+        to_npz_bytes({**expected, "y_test": np.array([5], np.uint8)}), "label 5", filename="m.npz"
+    )
 
 
 def test_sizes_must_agree():

@@ -408,3 +408,59 @@ def test_the_page_alone_creates_uploads_trains_and_predicts(
     assert spec["strategy"] == "ewc" and spec["strategy_params"] == {"ewc_lambda": 50}
     assert spec["class_names"] == ["sky", "shape"] and spec["model_widths"] == [4, 8]
     assert spec["image_size"] == [32, 32] and spec["epochs"] == 2
+
+    # -- a classification lineage, from the same page: model picker, class folders, JSON predict --
+    classes = example.CLASS_NAMES
+    cls_arrays = example.class_experiences(1, size=32, n_train=16, n_test=8)[0]
+    cls_zip = tmp_path / "cls.zip"
+    cls_zip.write_bytes(example.zip_bytes(cls_arrays))
+    cls_image = tmp_path / "shape.png"
+    cls_image.write_bytes(_png(cls_arrays["x_test"][0]))
+    for field, value in (
+        ("new-name", "shapes by kind"),
+        ("new-classes", "4"),
+        ("new-class-names", ", ".join(classes)),
+        ("new-widths", "4, 4, 8, 8"),
+    ):
+        el = browser.find_element(By.ID, field)
+        el.clear()
+        el.send_keys(value)
+    Select(browser.find_element(By.ID, "new-model")).select_by_value("resnet18")
+    # The picker follows the model's task: iCaRL classifies, MiB segments.
+    icarl = browser.find_element(By.CSS_SELECTOR, "#new-strategy option[value='icarl']")
+    assert icarl.get_attribute("disabled") is None
+    mib = browser.find_element(By.CSS_SELECTOR, "#new-strategy option[value='mib']")
+    assert mib.get_attribute("disabled") is not None and "classification" in mib.text
+    Select(browser.find_element(By.ID, "new-strategy")).select_by_value("naive")
+    browser.find_element(By.CSS_SELECTOR, "#lineage-form button").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "shapes by kind created"))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "lineage-info"), "classification"))
+
+    count = browser.find_element(By.ID, "upload-classes")
+    count.clear()
+    count.send_keys("4")
+    browser.find_element(By.ID, "upload-file").send_keys(str(cls_zip))
+    browser.find_element(By.CSS_SELECTOR, "#upload-form button").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "uploaded cls.zip"))
+    row = next(
+        tr
+        for tr in browser.find_elements(By.CSS_SELECTOR, "#datasets tbody tr")
+        if "cls.zip" in tr.text
+    )
+    assert "class ids" in row.text
+    row.find_element(By.CSS_SELECTOR, "button.train").click()
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#jobs tbody tr[data-state='succeeded']"))
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#versions tbody tr")) == 1)
+    assert browser.find_element(By.ID, "avg-head").text == "avg accuracy"
+
+    browser.find_element(By.ID, "predict-file").clear()
+    browser.find_element(By.ID, "predict-file").send_keys(str(cls_image))
+    browser.find_element(By.CSS_SELECTOR, "#predict-form button").click()
+    wait.until(ec.presence_of_element_located((By.ID, "predict-class")))
+    verdict = browser.find_element(By.ID, "predict-class")
+    assert verdict.text.split(" (")[0] == classes[int(verdict.get_attribute("data-class"))]
+    probs = browser.find_elements(By.CSS_SELECTOR, "#predict-probabilities tr")
+    assert [p.find_element(By.TAG_NAME, "th").text for p in probs] == list(classes)
+    lin = next(x for x in http.get("/lineages").json() if x["name"] == "shapes by kind")
+    assert lin["task"] == "classification" and lin["spec"]["model"] == "resnet18"
+    assert lin["spec"]["class_names"] == list(classes) and lin["versions"] == 1

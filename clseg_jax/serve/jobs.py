@@ -70,23 +70,11 @@ def submit(
     """Queues training ``ds`` as ``lin``'s next experience: ``(job, True)``, or ``(the first
     job, False)`` when a concurrent submission under the same ``idempotency_key`` won.
 
-    Call ``resubmitted`` first: a key already used answers with its job before these checks.
-    ``Refused``: 400 if ``ds`` does not fit ``lin`` (image size, class ids), 409 if ``lin``
+    Call ``resubmitted`` first: a key already used answers with its job before these checks,
+    and ``lineage.check_dataset`` (whether ``ds`` fits ``lin``). ``Refused`` (409) if ``lin``
     already has ``max_experiences`` jobs queued, running or succeeded.
     """
-    spec, summ = lin.spec, ds.summary
-    if [summ["height"], summ["width"]] != list(spec["image_size"]):
-        raise Refused(
-            400,
-            f"dataset images are {summ['height']}x{summ['width']} but lineage "
-            f"{lin.id} takes {spec['image_size'][0]}x{spec['image_size'][1]}",
-        )
-    if summ["classes"] and max(summ["classes"]) >= spec["num_classes"]:
-        raise Refused(
-            400,
-            f"dataset labels class {max(summ['classes'])} but lineage {lin.id} has "
-            f"{spec['num_classes']} classes (0..{spec['num_classes'] - 1})",
-        )
+    spec = lin.spec
     used = s.scalar(
         sa.select(sa.func.count())
         .select_from(Job)

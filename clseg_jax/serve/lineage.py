@@ -34,6 +34,7 @@ from clseg_jax import config as config_lib
 from clseg_jax import models, precision, setup, strategies, tasks, train
 from clseg_jax import step as step_lib
 from clseg_jax.checkpoint import Checkpointer
+from clseg_jax.data import npz
 from clseg_jax.models import weights as weights_lib
 from clseg_jax.serve import jobs
 from clseg_jax.strategies import base
@@ -44,14 +45,17 @@ from clseg_jax.strategies import base
 # the sizes.
 SPEC_DEFAULTS: dict[str, Any] = {
     "num_classes": 2,
-    "class_names": [],  # one per class, background first; [] = the data's or class_<k>
+    # One per class (a segmentation lineage's background first); [] = the data's or class_<k>.
+    "class_names": [],
     "image_size": [64, 64],
     "kind": "domain",  # or "class": an experience labels the classes in its masks
     "strategy": "naive",
     "strategy_params": {},
-    "model": "unet",  # or one of SEG_MODELS, from uploaded weights (``pretrained``)
+    # One of SEG_MODELS (a class per pixel) or CLS_MODELS (a class per image: the lineage
+    # classifies, and its uploads hold [N] class ids).
+    "model": "unet",
     "pretrained": "",  # the id of uploaded weights (POST /weights) the model starts from
-    "model_widths": [16, 32, 64, 128],  # UNet only
+    "model_widths": [16, 32, 64, 128],  # the UNet's levels or the ResNet's four stages
     "max_experiences": 16,
     "epochs": 10,
     "batch_size": 16,
@@ -74,6 +78,13 @@ SEG_MODELS = (
     "bisenet",
     "bisenet_small",
 )
+# Classification models: ResNets (``model_widths`` are their four stages' widths); images under
+# SMALL_INPUT pixels a side get the CIFAR-style stem (3x3 stride 1, no max pool), so that a 32x32
+# image is not pooled down to 1x1 before the last stage.
+CLS_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101")
+SMALL_INPUT = 64
+# A lineage's task and the label form its uploads must have (``npz.LABELS``).
+LABEL_FORMS = {"segmentation": "masks", "classification": "classes"}
 # Memory batches (rows replayed per step) are half the lineage's batch_size unless a lineage sets
 # them: the library's 32 on top of a batch of 8 made replayed rows 80% of every step, and a
 # whole batch more made a replay job 1.7x a naive one (124 s for the first version here).
@@ -81,6 +92,11 @@ MEMORY_BATCHES = ("replay_batch", "der_batch", "icarl_batch", "agem_sample_size"
 # A version whose new experience scores below the trivial predictor's score plus this margin is
 # marked did_not_learn (its job still succeeds).
 LEARN_MARGIN = 0.05
+
+
+def task_of(spec: dict[str, Any]) -> str:
+    """``"classification"`` for a ResNet lineage, else ``"segmentation"``."""
+    return "classification" if spec.get("model", "unet") in CLS_MODELS else "segmentation"
 
 
 def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -106,27 +122,40 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
             )
     if not 2 <= out["num_classes"] <= 255:
         raise ValueError(f"num_classes must be in 2..255, got {out['num_classes']}")
+    if out["model"] not in SEG_MODELS + CLS_MODELS:
+        raise ValueError(
+            f"unknown model {out['model']!r}; valid: {list(SEG_MODELS)} (segmentation) or "
+            f"{list(CLS_MODELS)} (classification)"
+        )
+    classify = task_of(out) == "classification"
     names = out["class_names"]
     if names and len(names) != out["num_classes"]:
+        which = "" if classify else " (background first)"
         raise ValueError(
-            f"class_names must name all {out['num_classes']} classes (background first) "
+            f"class_names must name all {out['num_classes']} classes{which} "
             f"or be empty, got {len(names)}"
         )
     if out["kind"] not in ("domain", "class"):
         raise ValueError(f"kind must be 'domain' or 'class', got {out['kind']!r}")
-    if out["model"] not in SEG_MODELS:
-        raise ValueError(f"unknown model {out['model']!r}; valid: {list(SEG_MODELS)}")
     widths = out["model_widths"]
     if not 2 <= len(widths) <= 5 or any(not 1 <= w <= 512 for w in widths):
         raise ValueError(f"model_widths must be 2..5 widths in 1..512, got {widths}")
-    unet = out["model"] == "unet"
-    stride = 2 ** (len(widths) - 1) if unet else 32
-    why = "2**(len(model_widths)-1)" if unet else f"{out['model']}'s deepest stride"
-    h, w = out["image_size"]
-    if not (stride <= h <= 1024 and stride <= w <= 1024) or h % stride or w % stride:
+    if classify and len(widths) != 4:
         raise ValueError(
-            f"image_size must be multiples of {stride} ({why}) up to 1024, got {[h, w]}"
+            f"model_widths of a {out['model']} lineage are its 4 stages' widths, got {widths}"
         )
+    h, w = out["image_size"]
+    if classify:  # global average pooling: any size the stem can take
+        if not (8 <= h <= 1024 and 8 <= w <= 1024):
+            raise ValueError(f"image_size must be 8..1024 a side, got {[h, w]}")
+    else:
+        unet = out["model"] == "unet"
+        stride = 2 ** (len(widths) - 1) if unet else 32
+        why = "2**(len(model_widths)-1)" if unet else f"{out['model']}'s deepest stride"
+        if not (stride <= h <= 1024 and stride <= w <= 1024) or h % stride or w % stride:
+            raise ValueError(
+                f"image_size must be multiples of {stride} ({why}) up to 1024, got {[h, w]}"
+            )
     if out["pretrained"] and not re.fullmatch(r"[0-9a-f]{32}", out["pretrained"]):
         raise ValueError(
             f"pretrained must be the id of uploaded weights, got {out['pretrained']!r}"
@@ -148,6 +177,31 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_dataset(spec: dict[str, Any], lineage_id: str, summary: dict[str, Any]) -> None:
+    """A one-line ``ValueError`` unless an uploaded dataset (its ``uploads.summary``) fits the
+    lineage: its label form (masks for segmentation, class ids for classification), image size
+    and class ids."""
+    task = task_of(spec)
+    form = summary.get("labels", "masks")  # datasets uploaded before classification: masks
+    if form != LABEL_FORMS[task]:
+        raise ValueError(
+            f"the dataset holds {npz.LABELS[form]} but lineage {lineage_id} is a {task} "
+            f"lineage ({spec['model']}): its datasets hold {npz.LABELS[LABEL_FORMS[task]]}"
+        )
+    h, w = spec["image_size"]
+    if [summary["height"], summary["width"]] != [h, w]:
+        raise ValueError(
+            f"dataset images are {summary['height']}x{summary['width']} but lineage "
+            f"{lineage_id} takes {h}x{w}"
+        )
+    n, classes = spec["num_classes"], summary["classes"]
+    if classes and max(classes) >= n:
+        raise ValueError(
+            f"dataset labels class {max(classes)} but lineage {lineage_id} has {n} classes "
+            f"(0..{n - 1})"
+        )
+
+
 def _abstract_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
     """The lineage's model with shapes only (``nnx.eval_shape``): nothing initialised or
     compiled, what the checks at creation need."""
@@ -161,6 +215,7 @@ def _check_strategy(spec: dict[str, Any]) -> None:
     config = train_config(spec, "")
     h, w = spec["image_size"]
     n = spec["num_classes"]
+    label_shape = () if task_of(spec) == "classification" else (h, w)
 
     def forward(*args, **kwargs):
         raise RuntimeError("a strategy called the model while being built")
@@ -171,7 +226,8 @@ def _check_strategy(spec: dict[str, Any]) -> None:
         num_classes=n,
         num_experiences=spec["max_experiences"],
         image_shape=(h, w, 3),
-        label_shape=(h, w),
+        label_shape=label_shape,
+        task=tasks.for_stream(spec["kind"], label_shape),
         graphdef=graphdef,
     )
     try:
@@ -198,6 +254,11 @@ def train_config(
     c.model.name = name
     if name == "unet":
         c.model.kwargs.widths = tuple(spec["model_widths"])
+    elif name in CLS_MODELS:
+        small = min(spec["image_size"]) < SMALL_INPUT
+        c.model.kwargs = models.kwargs_config(
+            name, widths=tuple(spec["model_widths"]), small_input=small
+        )
     else:
         c.model.kwargs = models.kwargs_config(name)
     # A whole model of the same layout: its head is the lineage's own (another class count).
@@ -284,15 +345,18 @@ def check_pretrained(spec: dict[str, Any], path: str) -> None:
 
 
 def trivial_score(arrays: dict[str, np.ndarray], num_classes: int) -> float:
-    """R's score (mIoU over the classes present) of predicting, on ``arrays``' test split, the
-    class most frequent in its training masks everywhere: what a model that learnt nothing
-    but the majority class (normally the background) gets. Labels >= ``num_classes`` (255:
-    ignore) are left out, as evaluation leaves them out."""
-    train = np.bincount(np.asarray(arrays["y_train"]).ravel(), minlength=num_classes)
+    """R's score of predicting, on ``arrays``' test split, the class most frequent in its
+    training labels, everywhere (masks: mIoU over the classes present) or for every image
+    (``[N]`` class ids: accuracy): what a model that learnt nothing but the majority class
+    (normally the background) gets. Labels >= ``num_classes`` (255: ignore) are left out, as
+    evaluation leaves them out."""
+    y_train = np.asarray(arrays["y_train"])
+    task = tasks.SEGMENTATION if y_train.ndim == 3 else tasks.CLASSIFICATION
+    train = np.bincount(y_train.ravel(), minlength=num_classes)
     test = np.bincount(np.asarray(arrays["y_test"]).ravel(), minlength=num_classes)
     conf = np.zeros((num_classes, num_classes), np.int64)
     conf[:, int(np.argmax(train[:num_classes]))] = test[:num_classes]
-    return tasks.SEGMENTATION.score(conf, ())
+    return task.score(conf, ())
 
 
 def learning_verdict(results: dict, new_file: str, num_classes: int) -> dict:
@@ -351,33 +415,56 @@ def export_weights(workdir: str, out_path: str) -> None:
 
 
 class Predictor:
-    """Segments images with one version's weights; compiled once per lineage image size.
+    """Predicts with one version's weights; compiled once per lineage image size.
 
-    The model is the one ``train_config`` trains (``setup.init_model``, the same input norm)."""
+    The model is the one ``train_config`` trains (``setup.init_model``, the same input norm).
+    A segmentation lineage's predictor ``segment``s, a classification lineage's ``classify``s
+    (``task``)."""
 
     def __init__(self, spec: dict[str, Any], weights_path: str):
         model = train_config(spec, "").model
         graphdef, params, stats = setup.init_model(model, spec["num_classes"], seed=0)
         params, stats = weights_lib.load(weights_path, params, stats)
         self.size = tuple(spec["image_size"])
+        self.task = task_of(spec)
+        n = spec["num_classes"]
+        self.names = list(spec["class_names"]) or [f"class_{c}" for c in range(n)]
         forward = step_lib.make_forward(graphdef, model.get("input_norm", "symmetric"))
 
         @jax.jit
-        def predict(image):  # [1,H,W,3] uint8 -> [1,H,W] int32
-            return jnp.argmax(forward(params, stats, image, False)[0]["logits"], -1)
+        def predict(image):  # [1,H,W,3] uint8 -> [1,H,W] class ids or [1,K] probabilities
+            logits = forward(params, stats, image, False)[0]["logits"]
+            return jnp.argmax(logits, -1) if logits.ndim == 4 else jax.nn.softmax(logits, -1)
 
         self._predict = predict
 
-    def __call__(self, image_bytes: bytes, max_pixels: int) -> bytes:
-        """PNG/JPEG bytes -> mask PNG bytes (mode L, class ids) at the input's size."""
+    def _input(self, image_bytes: bytes, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """``([1,H,W,3] uint8 at the lineage's size, the image's own (W, H))``."""
         image = _open_image(image_bytes, max_pixels)
-        size = image.size
         x = np.asarray(image.resize(self.size[::-1], Image.BILINEAR), np.uint8)[None]
+        return x, image.size
+
+    def segment(self, image_bytes: bytes, max_pixels: int) -> bytes:
+        """PNG/JPEG bytes -> mask PNG bytes (mode L, class ids) at the input's size."""
+        x, size = self._input(image_bytes, max_pixels)
         mask = np.asarray(self._predict(x))[0].astype(np.uint8)
         out = Image.fromarray(mask, "L").resize(size, Image.NEAREST)
         buf = io.BytesIO()
         out.save(buf, "PNG")
         return buf.getvalue()
+
+    def classify(self, image_bytes: bytes, max_pixels: int) -> dict[str, Any]:
+        """PNG/JPEG bytes -> ``{"class": id, "name": its name, "probabilities": [K] softmax,
+        "class_names": [K]}``."""
+        x, _ = self._input(image_bytes, max_pixels)
+        probs = np.asarray(self._predict(x), np.float64)[0]
+        best = int(np.argmax(probs))
+        return {
+            "class": best,
+            "name": self.names[best],
+            "probabilities": [round(float(p), 6) for p in probs],
+            "class_names": self.names,
+        }
 
 
 def _open_image(data: bytes, max_pixels: int) -> Image.Image:

@@ -1,6 +1,6 @@
 """One experience's data uploaded over HTTP: a ``.zip`` of PNG/JPEG files or an ``.npz``.
 
-Zip layout (names are case-sensitive, extensions are not)::
+Segmentation zip layout (names are case-sensitive, extensions are not)::
 
     train/images/<name>.png|.jpg|.jpeg   RGB image (grayscale, RGBA, palette: converted to RGB)
     train/masks/<name>.png               single-channel 8-bit PNG (mode L or P: the stored value or
@@ -11,14 +11,24 @@ Zip layout (names are case-sensitive, extensions are not)::
 - Everything may sit under ONE top-level folder (what zipping a folder gives); it is stripped.
 - Every image needs a mask with the same ``<name>`` and vice versa; rows are sorted by name; each
   split needs at least one pair. All images share one size, and a mask has its image's size.
+
+Classification zip layout (a classification lineage's uploads: a class id per image)::
+
+    train/<class id>/<name>.png|.jpg|.jpeg   an image of class <class id> (0, 1, ...: decimal)
+    test/<class id>/<name>.png|.jpg|.jpeg
+
+- Rows are sorted by class id, then name; each split needs at least one image, not every class.
+
+For both layouts:
 - ``__MACOSX/`` entries, ``.DS_Store`` files and directory entries are ignored; any other path is
   an error. Mask values must be ``0..num_classes-1`` or 255.
 - Members are only read into memory, never extracted; still, absolute paths, ``..``, backslashes,
   drive letters, symlinks and encrypted members are refused, and so are archives over the
   ``Limits`` (entries, declared and actually decompressed bytes, compression ratio, pixels).
 
-``.npz``: arrays ``x_train`` uint8 ``[N,H,W,3]``, ``y_train`` integer ``[N,H,W]``, ``x_test`` and
-``y_test`` likewise, as read by ``clseg_jax.data.npz``; pickled (object) arrays are refused.
+``.npz``: arrays ``x_train`` uint8 ``[N,H,W,3]``, ``y_train`` integer ``[N,H,W]`` masks or ``[N]``
+class ids, ``x_test`` and ``y_test`` likewise, as read by ``clseg_jax.data.npz``; pickled
+(object) arrays are refused.
 
 Every problem raises ``UploadError``, a one-line ``ValueError`` naming the file and what is valid.
 """
@@ -43,7 +53,8 @@ from clseg_jax.data.npz import ARRAYS
 
 LAYOUT = (
     "train/images/<name>.png|.jpg|.jpeg, train/masks/<name>.png, test/images/..., "
-    "test/masks/... (optionally under one top-level folder)"
+    "test/masks/... (segmentation) or train/<class id>/<name>.png|.jpg|.jpeg, "
+    "test/<class id>/... (classification), optionally under one top-level folder"
 )
 _IMAGE_EXT = (".png", ".jpg", ".jpeg")
 _RATIO_MIN_SIZE = 2**20  # small members legitimately compress well (flat masks, headers)
@@ -188,8 +199,8 @@ class _Reader:
         return out
 
 
-def _layout(zf: zipfile.ZipFile, where: str) -> dict[str, dict[str, dict[str, zipfile.ZipInfo]]]:
-    """-> {split: {"images"|"masks": {stem: info}}} after dropping ignorable entries."""
+def _members(zf: zipfile.ZipFile) -> list[tuple[zipfile.ZipInfo, list[str]]]:
+    """The files that count, each with its path parts below the optional top-level folder."""
     files = [
         i
         for i in zf.infolist()
@@ -203,31 +214,52 @@ def _layout(zf: zipfile.ZipFile, where: str) -> dict[str, dict[str, dict[str, zi
         and len({p[0] for p in parts}) == 1
         and all(len(p) > 2 and p[1] in ("train", "test") for p in parts)
     )
-    found: dict[str, dict[str, dict[str, zipfile.ZipInfo]]] = {
-        s: {"images": {}, "masks": {}} for s in ("train", "test")
-    }
-    for info, p in zip(files, parts, strict=True):
-        p = p[1:] if strip else p
+    return [(i, p[1:] if strip else p) for i, p in zip(files, parts, strict=True)]
+
+
+def _is_class_id(folder: str) -> bool:
+    return folder.isdigit() and folder.isascii() and int(folder) < IGNORE
+
+
+def _layout(
+    members: list[tuple[zipfile.ZipInfo, list[str]]], where: str
+) -> dict[str, dict[str, dict[str, zipfile.ZipInfo]]]:
+    """-> {split: {group: {stem: info}}}: groups are "images" and "masks" (segmentation) or
+    class ids (classification, every folder below a split a class id)."""
+    found: dict[str, dict[str, dict[str, zipfile.ZipInfo]]] = {"train": {}, "test": {}}
+    classify = any(len(p) > 1 and _is_class_id(p[1]) for _, p in members)
+    if classify and any(len(p) > 1 and p[1] in ("images", "masks") for _, p in members):
+        raise UploadError(
+            f"{where}: holds both images/masks folders (segmentation) and class-id folders "
+            f"(classification); one experience is one or the other: {LAYOUT}"
+        )
+    groups = _is_class_id if classify else ("images", "masks").__contains__
+    for info, p in members:
         stem, dot, ext = p[-1].rpartition(".")
+        is_mask = not classify and len(p) > 1 and p[1] == "masks"
         ok = (
             len(p) == 3
             and p[0] in found
-            and p[1] in ("images", "masks")
+            and groups(p[1])
             and dot
             and stem
-            and "." + ext.lower() in (_IMAGE_EXT if p[1] == "images" else (".png",))
+            and "." + ext.lower() in ((".png",) if is_mask else _IMAGE_EXT)
         )
         if not ok:
             raise UploadError(
-                f"{where}: unexpected path {_q(info.filename)}; valid layout: {LAYOUT}"
+                f"{where}: unexpected path {_q(info.filename)}; valid layouts: {LAYOUT}"
             )
-        group = found[p[0]][p[1]]
+        group = found[p[0]].setdefault(p[1], {})
         if stem in group:
             raise UploadError(
                 f"{where}: {_q(info.filename)} and {_q(group[stem].filename)} share the name "
                 f"{_q(stem)}; names must be unique per folder"
             )
         group[stem] = info
+    if not classify:
+        for split in found.values():
+            split.setdefault("images", {})
+            split.setdefault("masks", {})
     return found
 
 
@@ -268,34 +300,50 @@ def _check_labels(y: np.ndarray, num_classes: int, where: str) -> None:
         )
 
 
+def _pairs(
+    found: dict[str, dict[str, dict[str, zipfile.ZipInfo]]], where: str, limits: Limits
+) -> dict[str, list[tuple[zipfile.ZipInfo, zipfile.ZipInfo | int]]]:
+    """Each split's rows in order: ``(image, mask)`` (segmentation) or ``(image, class id)``
+    (classification), after every structure check and before any decoding."""
+    classify = any(g not in ("images", "masks") for split in found.values() for g in split)
+    pairs: dict[str, list[tuple[zipfile.ZipInfo, zipfile.ZipInfo | int]]] = {}
+    for split, groups in found.items():
+        if classify:
+            rows = [
+                (groups[c][stem], int(c))
+                for c in sorted(groups, key=int)
+                for stem in sorted(groups[c])
+            ]
+        else:
+            images, masks = groups["images"], groups["masks"]
+            for stem in sorted(images.keys() ^ masks.keys()):
+                kind, other = ("image", "mask") if stem in images else ("mask", "image")
+                info = (images if stem in images else masks)[stem]
+                raise UploadError(
+                    f"{where}: {kind} {_q(info.filename)} has no {other} with the same name "
+                    f"in {split}/{other}s/"
+                )
+            rows = [(images[stem], masks[stem]) for stem in sorted(images)]
+        if not rows:
+            what = "images" if classify else "image/mask pairs"
+            raise UploadError(f"{where}: split {split!r} has no {what}; layouts: {LAYOUT}")
+        if len(rows) > limits.max_images:
+            raise UploadError(f"{where}: {split} has {len(rows)} images, over {limits.max_images}")
+        pairs[split] = rows
+    return pairs
+
+
 def _parse_zip(
     data: bytes, where: str, num_classes: int, limits: Limits, size: tuple[int, int] | None
 ) -> dict[str, np.ndarray]:
     zf = _open_zip(data, where, limits, ratio=True)
     reader = _Reader(zf, where, limits.max_uncompressed)
-    found = _layout(zf, where)
-    pairs = {}
-    for split, groups in found.items():  # all structure checks before any decoding
-        images, masks = groups["images"], groups["masks"]
-        for stem in sorted(images.keys() ^ masks.keys()):
-            kind, other = ("image", "mask") if stem in images else ("mask", "image")
-            info = (images if stem in images else masks)[stem]
-            raise UploadError(
-                f"{where}: {kind} {_q(info.filename)} has no {other} with the same name in "
-                f"{split}/{other}s/"
-            )
-        if not images:
-            raise UploadError(f"{where}: split {split!r} has no image/mask pairs; layout: {LAYOUT}")
-        if len(images) > limits.max_images:
-            raise UploadError(
-                f"{where}: {split} has {len(images)} images, over {limits.max_images}"
-            )
-        pairs[split] = [(images[s], masks[s]) for s in sorted(images)]
+    pairs = _pairs(_layout(_members(zf), where), where, limits)
     out: dict[str, np.ndarray] = {}
     first = ""  # the file that fixed the size, for messages
     for split, rows in pairs.items():
-        for n, (img_info, mask_info) in enumerate(rows):
-            img_name, mask_name = img_info.filename, mask_info.filename
+        for n, (img_info, label) in enumerate(rows):
+            img_name = img_info.filename
             img = _open_image(reader.read(img_info), f"{where}: {_q(img_name)}", False, limits)
             hw = (img.size[1], img.size[0])
             if not out:  # the first image fixes the size, hence the decoded total
@@ -314,18 +362,22 @@ def _parse_zip(
                     f"{where}: {_q(img_name)} is {hw[0]}x{hw[1]} (HxW) but {ref} "
                     f"{size[0]}x{size[1]}; all images must share one size"
                 )
-            m_where = f"{where}: {_q(mask_name)}"
-            mask = _open_image(reader.read(mask_info), m_where, True, limits)
-            if mask.size != img.size:
-                raise UploadError(
-                    f"{m_where}: mask is {mask.size[1]}x{mask.size[0]} (HxW) but its image is "
-                    f"{hw[0]}x{hw[1]}"
-                )
-            y = np.asarray(mask)  # mode P: the palette index, i.e. the class id
-            _check_labels(y, num_classes, m_where)
+            if isinstance(label, int):  # classification: the folder's class id
+                y = np.uint8(label)
+                _check_labels(np.asarray([label]), num_classes, f"{where}: {_q(img_name)}")
+            else:
+                m_where = f"{where}: {_q(label.filename)}"
+                mask = _open_image(reader.read(label), m_where, True, limits)
+                if mask.size != img.size:
+                    raise UploadError(
+                        f"{m_where}: mask is {mask.size[1]}x{mask.size[0]} (HxW) but its image "
+                        f"is {hw[0]}x{hw[1]}"
+                    )
+                y = np.asarray(mask)  # mode P: the palette index, i.e. the class id
+                _check_labels(y, num_classes, m_where)
             if n == 0:  # preallocated: stacking would hold every image twice
                 out[f"x_{split}"] = np.empty((len(rows), *hw, 3), np.uint8)
-                out[f"y_{split}"] = np.empty((len(rows), *hw), np.uint8)
+                out[f"y_{split}"] = np.empty((len(rows), *np.shape(y)), np.uint8)
             out[f"x_{split}"][n] = np.asarray(img)
             out[f"y_{split}"][n] = y
     return {a: out[a] for a in ARRAYS}
@@ -361,13 +413,13 @@ def _parse_npz(
     except _DECODE_ERRORS as err:
         raise UploadError(f"{where}: cannot be read as .npz ({_line(err)})") from None
     try:
-        npz.check_arrays(arrays, where, labels=("masks",))  # lineages segment
+        npz.check_arrays(arrays, where)
     except ValueError as err:
         raise UploadError(str(err)) from None
     first = size
     for split in ("train", "test"):
         y = arrays[f"y_{split}"]
-        n, h, w = y.shape
+        n, h, w = arrays[f"x_{split}"].shape[:3]
         if not 1 <= n <= limits.max_images:
             raise UploadError(f"{where}: x_{split} has {n} images; need 1..{limits.max_images}")
         if h * w > limits.max_image_pixels:
@@ -392,10 +444,11 @@ def parse_upload(
 ) -> dict[str, np.ndarray]:
     """Validates one uploaded experience and returns its arrays.
 
-    Returns ``{"x_train": uint8 [N,H,W,3], "y_train": uint8 [N,H,W], "x_test": uint8 [M,H,W,3],
-    "y_test": uint8 [M,H,W]}``. ``filename``'s extension picks the format (``.zip`` laid out as
-    in the module docstring, or ``.npz``). Labels must be ``0..num_classes-1`` or 255 (ignore).
-    ``image_size`` ``(H, W)``, if given, is the size every image must have (the lineage's).
+    Returns ``{"x_train": uint8 [N,H,W,3], "y_train": uint8 [N,H,W] masks or [N] class ids,
+    "x_test": uint8 [M,H,W,3], "y_test": uint8 [M,H,W] or [M]}``. ``filename``'s extension
+    picks the format (``.zip`` laid out as in the module docstring, or ``.npz``). Labels must be
+    ``0..num_classes-1`` or 255 (ignore). ``image_size`` ``(H, W)``, if given, is the size
+    every image must have (the lineage's).
     Raises ``UploadError`` on anything else.
     """
     where = _q(filename)
@@ -431,8 +484,9 @@ def to_npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def summary(arrays: dict[str, np.ndarray]) -> dict:
-    """``{"n_train", "n_test", "height", "width", "classes"}``; classes: label values present in
-    ``y_train`` (255 excluded), sorted."""
+    """``{"n_train", "n_test", "height", "width", "classes", "labels"}``; classes: label values
+    present in ``y_train`` (255 excluded), sorted; labels: ``"masks"`` or ``"classes"``
+    (``npz.label_form``)."""
     x, y = arrays["x_train"], arrays["y_train"]
     present = np.unique(y)
     return {
@@ -441,4 +495,5 @@ def summary(arrays: dict[str, np.ndarray]) -> dict:
         "height": int(x.shape[1]),
         "width": int(x.shape[2]),
         "classes": [int(c) for c in present if c != IGNORE],
+        "labels": npz.label_form(arrays),
     }

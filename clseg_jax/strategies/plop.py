@@ -238,6 +238,11 @@ def make(cfg: ml_collections.ConfigDict, env: base.Env) -> base.Strategy:
     floor, bins = base.hparam(get("plop_threshold")), int(get("plop_entropy_bins"))
     batch_size, do_init = int(get("plop_batch")), bool(get("plop_init"))
     k = env.num_classes
+    if env.task.name != "segmentation":
+        raise ValueError(
+            f"plop pseudo-labels background pixels and distils pod maps: segmentation only, "
+            f"not {env.task.name}"
+        )
 
     def init(params: PyTree, batch_stats: PyTree) -> State:
         # Distinct buffers: the step donates its state, and one buffer must not be donated twice.

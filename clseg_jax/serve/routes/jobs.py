@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Header, HTTPException, Query
 from pydantic import BaseModel, ConfigDict
 
-from clseg_jax.serve import jobs
+from clseg_jax.serve import jobs, lineage
 from clseg_jax.serve.db import Dataset, Job, Lineage
 from clseg_jax.serve.routes.deps import ERRORS, Id, Owner, Session, Strict, Svc, get_owned
 
@@ -64,9 +64,12 @@ def submit_job(
             return job_out(prior)
         lin = get_owned(s, Lineage, body.lineage_id, who, "lineage")
         ds = get_owned(s, Dataset, body.dataset_id, who, "dataset")
+        lineage.check_dataset(lin.spec, lin.id, ds.summary)
         job, created = jobs.submit(s, who, lin, ds, idempotency_key)
     except jobs.Refused as err:
         raise _refused(err) from None
+    except ValueError as err:  # the dataset does not fit the lineage
+        raise HTTPException(400, str(err)) from None
     if created:
         jobs.event("queued", job.id, lineage_id=lin.id, dataset_id=ds.id)
         svc.enqueue(job.id)

@@ -31,7 +31,7 @@ class LineageIn(Strict):
         _D["image_size"], min_length=2, max_length=2
     )
     kind: Literal["domain", "class"] = _D["kind"]
-    model: Literal[lineage.SEG_MODELS] = _D["model"]
+    model: Literal[lineage.SEG_MODELS + lineage.CLS_MODELS] = _D["model"]
     pretrained: str = Field(_D["pretrained"], max_length=32)
     strategy: str = Field(_D["strategy"], min_length=1, max_length=128)
     strategy_params: dict[str, float | int | bool | str] = Field({}, max_length=64)
@@ -52,6 +52,9 @@ class LineageOut(BaseModel):
     id: str
     name: str
     spec: dict[str, Any]
+    # "segmentation" (a class per pixel; uploads hold masks) or "classification" (a ResNet: a
+    # class per image; uploads hold [N] class ids). Fixed by the spec's model.
+    task: Literal["segmentation", "classification"]
     created_at: float
     versions: int
     latest_version: str | None
@@ -73,6 +76,7 @@ def lineage_out(s: orm.Session, lin: Lineage) -> LineageOut:
         id=lin.id,
         name=lin.name,
         spec=lin.spec,
+        task=lineage.task_of(lin.spec),
         created_at=lin.created_at,
         versions=len(versions),
         latest_version=latest.id if latest else None,

@@ -23,8 +23,9 @@ class Param(BaseModel):
 class StrategyOut(BaseModel):
     name: str
     params: list[Param]
-    # None when a segmentation lineage can use it, else why not (iCaRL needs classification).
-    unavailable: str | None
+    # Per lineage task ("segmentation", "classification"): None when a lineage of that task can
+    # use it, else why not (iCaRL classifies; MiB, PLOP, ... segment).
+    unavailable: dict[str, str | None]
 
 
 def _catalogue() -> list[StrategyOut]:
@@ -37,11 +38,13 @@ def _catalogue() -> list[StrategyOut]:
             for k, v in getattr(module, "DEFAULTS", {}).items()
             if isinstance(v, float | int | bool | str)
         ]
-        try:
-            lineage.validate_spec({"strategy": name})
-            why = None
-        except ValueError as err:
-            why = str(err)
+        why: dict[str, str | None] = {}
+        for task, model in (("segmentation", "unet"), ("classification", "resnet18")):
+            try:
+                lineage.validate_spec({"strategy": name, "model": model})
+                why[task] = None
+            except ValueError as err:
+                why[task] = str(err)
         out.append(StrategyOut(name=name, params=params, unavailable=why))
     return out
 
@@ -49,7 +52,7 @@ def _catalogue() -> list[StrategyOut]:
 @router.get("/strategies", responses=ERRORS)
 def list_strategies(who: Owner, request: Request) -> list[StrategyOut]:
     """Every registered strategy with its hyperparameters (defaults and what they set), and
-    whether a segmentation lineage can use it; ``+`` chains of them are valid too."""
+    whether a lineage of each task can use it; ``+`` chains of them are valid too."""
     del who
     state: Any = request.app.state
     if getattr(state, "strategies", None) is None:  # built once per app: it builds each one

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, HTTPException, UploadFile
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel
 
 from clseg_jax.serve import lineage, store
@@ -34,6 +34,9 @@ class VersionOut(BaseModel):
     avg_miou: float | None
     forgetting: float | None
     bwt: float | None
+    # What R holds: "miou" (segmentation lineages) or "accuracy" (classification); avg_miou is
+    # its average under either (the name it had before lineages classified).
+    metric: str
     # Whether the version learnt its new experience: its score against the trivial predictor's
     # (the majority class everywhere); None for versions made before the verdict existed.
     did_not_learn: bool | None
@@ -51,6 +54,7 @@ def version_out(v: Version) -> VersionOut:
         job_id=v.job_id,
         dataset_id=v.dataset_id,
         created_at=v.created_at,
+        metric=m.get("metric", "miou"),
         avg_miou=m.get("avg_miou"),
         forgetting=m.get("forgetting"),
         bwt=m.get("bwt"),
@@ -91,9 +95,24 @@ def download_weights(who: Owner, s: Session, svc: Svc, version_id: Id) -> FileRe
     )
 
 
+_PREDICTED = {
+    "content": {
+        "image/png": {},
+        "application/json": {
+            "example": {
+                "class": 1,
+                "name": "circle",
+                "probabilities": [0.1, 0.9],
+                "class_names": ["square", "circle"],
+            }
+        },
+    }
+}
+
+
 @router.post(
     "/versions/{version_id}/predict",
-    responses={**ERRORS, 400: {}, 413: {}, 200: {"content": {"image/png": {}}}},
+    responses={**ERRORS, 400: {}, 413: {}, 200: _PREDICTED},
     response_class=Response,
 )
 def predict(
@@ -103,13 +122,16 @@ def predict(
     version_id: Id,
     image: Annotated[UploadFile, File(description="PNG or JPEG")],
 ) -> Response:
-    """Segments an image: a PNG mask (mode L, class ids) at the image's size."""
+    """A segmentation lineage's version segments the image: a PNG mask (mode L, class ids) at
+    the image's size. A classification lineage's classifies it: JSON with the class id, its
+    name and every class's probability."""
     v = get_owned(s, Version, version_id, who, "version")
     spec = s.get(Lineage, v.lineage_id).spec
     data = read_upload(image, svc)
     run = svc.predictors.get(v.id, lambda: lineage.Predictor(spec, weights_file(svc, v)))
     try:
-        png = run(data, svc.settings.max_image_pixels)
+        if run.task == "classification":
+            return JSONResponse(run.classify(data, svc.settings.max_image_pixels))
+        return Response(run.segment(data, svc.settings.max_image_pixels), media_type="image/png")
     except ValueError as err:
         raise HTTPException(400, str(err)) from None
-    return Response(png, media_type="image/png")
