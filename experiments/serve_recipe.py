@@ -14,8 +14,8 @@ majority class.
 
     python experiments/serve_recipe.py --out experiments/results/serve_recipe.json
     python experiments/serve_recipe.py --spec '{"epochs": 2, "model_widths": [8, 16, 32]}'
-    python experiments/serve_recipe.py --task classification --seeds 0 \
-        --out experiments/results/serve_recipe_classification.json
+    python experiments/serve_recipe.py --task classification --strategies naive,replay \
+        --seeds 0 --n-train 2048 --out experiments/results/serve_recipe_classification_2048.json
 """
 
 from __future__ import annotations
@@ -90,9 +90,11 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=128)
     p.add_argument("--experiences", type=int, default=4, help="the stream's first N domains")
     p.add_argument("--task", choices=sorted(TASKS), default="segmentation")
+    p.add_argument("--size", type=int, default=0, help="image side (0: the task's default)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     fields, size = TASKS[a.task]
+    size = a.size or size
     exps = stream(a.data_seed, a.n_train, a.n_test, size, a.task)[: a.experiences]
     runs = []
     for strategy in a.strategies.split(","):
@@ -126,6 +128,7 @@ def _write(a: argparse.Namespace, runs: list[dict]) -> None:
     report = {
         "command": " ".join(sys.argv),
         "task": a.task,
+        "size": a.size or TASKS[a.task][1],
         "data_seed": a.data_seed,
         "defaults": lineage.SPEC_DEFAULTS,
         "cpu": _cpu(),

@@ -12,12 +12,28 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+from typing import Any
 
 import ml_collections
 import numpy as np
 from PIL import Image
 
 from clseg_jax.data import shapes
+
+
+def _domain_stream(n: int, size: int, n_train: int, n_test: int, seed: int, **extra: Any):
+    """``shapes.make_domain``'s stream of ``n`` looks; ``extra``: more of its config fields."""
+    cfg = ml_collections.ConfigDict(
+        {
+            "image_size": size,
+            "train_per_exp": n_train,
+            "test_per_exp": n_test,
+            "seed": seed,
+            "num_experiences": n,
+            **extra,
+        }
+    )
+    return shapes.make_domain(cfg)
 
 
 def experiences(
@@ -30,27 +46,16 @@ def experiences(
 ) -> list[dict[str, np.ndarray]]:
     """``n`` experiences as ``{"x_train" [N,S,S,3] uint8, "y_train" [N,S,S] uint8, ...}``;
     ``binary``: background / shape, else the 5 classes (background and 4 shapes)."""
-    cfg = ml_collections.ConfigDict(
+    stream = _domain_stream(n, size, n_train, n_test, seed, binary=binary)
+    return [
         {
-            "image_size": size,
-            "train_per_exp": n_train,
-            "test_per_exp": n_test,
-            "seed": seed,
-            "num_experiences": n,
-            "binary": binary,
+            "x_train": exp.train.images,
+            "y_train": exp.train.labels,
+            "x_test": exp.test.images,
+            "y_test": exp.test.labels,
         }
-    )
-    out = []
-    for exp in shapes.make_domain(cfg).experiences:
-        out.append(
-            {
-                "x_train": exp.train.images,
-                "y_train": exp.train.labels,
-                "x_test": exp.test.images,
-                "y_test": exp.test.labels,
-            }
-        )
-    return out
+        for exp in stream.experiences
+    ]
 
 
 # ``class_experiences``' classes: shapes.CLASS_NAMES without the background.
@@ -62,18 +67,8 @@ def class_experiences(
 ) -> list[dict[str, np.ndarray]]:
     """``n`` domain-incremental classification experiences: one shape per image, ``y_*`` uint8
     ``[N]`` its kind (0 circle, 1 square, 2 triangle, 3 cross: ``CLASS_NAMES``)."""
-    cfg = ml_collections.ConfigDict(
-        {
-            "image_size": size,
-            "train_per_exp": n_train,
-            "test_per_exp": n_test,
-            "seed": seed,
-            "num_experiences": n,
-            "max_shapes": 1,
-        }
-    )
     out = []
-    for exp in shapes.make_domain(cfg).experiences:
+    for exp in _domain_stream(n, size, n_train, n_test, seed, max_shapes=1).experiences:
         arrays = {}
         for split, source in (("train", exp.train), ("test", exp.test)):
             # The one shape's class is the mask's largest value (background is 0).
