@@ -48,7 +48,7 @@ SPEC_DEFAULTS: dict[str, Any] = {
     # One per class (a segmentation lineage's background first); [] = the data's or class_<k>.
     "class_names": [],
     "image_size": [64, 64],
-    "kind": "domain",  # or "class": an experience labels the classes in its masks
+    "kind": "domain",  # or "class": an experience's classes are those of its training labels
     "strategy": "naive",
     "strategy_params": {},
     # One of SEG_MODELS (a class per pixel) or CLS_MODELS (a class per image: the lineage
