@@ -335,6 +335,13 @@ def test_job_checks_dataset_against_lineage(idle, experiences):
         "/jobs", json={"lineage_id": lid, "dataset_id": "0" * 31}, headers=auth["alice"]
     )
     assert r.status_code == 422
+    # A class beyond the lineage's in the test split only is refused too.
+    arrays = {k: v.copy() for k, v in experiences[0].items()}
+    arrays["y_test"][0, 0, 0] = 2
+    wide = _upload(client, auth["alice"], arrays, num_classes=3).json()["id"]
+    lin2 = _lineage(client, auth["alice"])
+    r = client.post("/jobs", json={"lineage_id": lin2, "dataset_id": wide}, headers=auth["alice"])
+    assert r.status_code == 400 and "labels class 2" in r.json()["detail"], r.text
     # Class ids do not train a segmentation lineage, nor masks a classification one.
     seg = _lineage(client, auth["alice"])
     cls = _lineage(client, auth["alice"], model="resnet18", model_widths=[4, 4, 8, 8])

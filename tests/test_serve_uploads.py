@@ -123,7 +123,7 @@ def test_valid_zip(prefix):
         np.testing.assert_array_equal(out[a], want, err_msg=a)
     assert (out["y_train"] == 255).any()  # ignore survives
     want = {"n_train": 2, "n_test": 1, "height": H, "width": W, "classes": [0, 1, 2]}
-    assert summary(out) == {**want, "labels": "masks"}
+    assert summary(out) == {**want, "max_label": 2, "labels": "masks"}
     # The lineage's size is accepted; stored (uncompressed) members too.
     parse_upload(make_zip(sample()[0], zipfile.ZIP_STORED), "u.zip", K, image_size=(H, W))
 
@@ -367,7 +367,10 @@ def test_valid_classification_zip_and_npz(prefix):
         assert out[a].dtype == np.uint8 and out[a].shape == want.shape, a
         np.testing.assert_array_equal(out[a], want, err_msg=a)
     want = {"n_train": 3, "n_test": 1, "height": H, "width": W, "classes": [0, 2]}
-    assert summary(out) == {**want, "labels": "classes"}
+    assert summary(out) == {**want, "max_label": 2, "labels": "classes"}
+    # A test label above every training label: max_label reads both splits.
+    out["y_test"][0] = 3
+    assert summary(out)["classes"] == [0, 2] and summary(out)["max_label"] == 3
     # The same arrays as an .npz (int64 class ids) parse to the same thing.
     as_npz = {**expected, "y_train": expected["y_train"].astype(np.int64)}
     back = parse_upload(to_npz_bytes(as_npz), "c.npz", K)

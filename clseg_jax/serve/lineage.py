@@ -194,11 +194,12 @@ def check_dataset(spec: dict[str, Any], lineage_id: str, summary: dict[str, Any]
             f"dataset images are {summary['height']}x{summary['width']} but lineage "
             f"{lineage_id} takes {h}x{w}"
         )
-    n, classes = spec["num_classes"], summary["classes"]
-    if classes and max(classes) >= n:
+    n = spec["num_classes"]
+    # Datasets uploaded before max_label: their training classes only.
+    top = summary.get("max_label", max(summary["classes"], default=-1))
+    if top >= n:
         raise ValueError(
-            f"dataset labels class {max(classes)} but lineage {lineage_id} has {n} classes "
-            f"(0..{n - 1})"
+            f"dataset labels class {top} but lineage {lineage_id} has {n} classes (0..{n - 1})"
         )
 
 

@@ -484,16 +484,19 @@ def to_npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def summary(arrays: dict[str, np.ndarray]) -> dict:
-    """``{"n_train", "n_test", "height", "width", "classes", "labels"}``; classes: label values
-    present in ``y_train`` (255 excluded), sorted; labels: ``"masks"`` or ``"classes"``
-    (``npz.label_form``)."""
+    """``{"n_train", "n_test", "height", "width", "classes", "max_label", "labels"}``; classes:
+    label values present in ``y_train`` (255 excluded), sorted; max_label: the largest label of
+    either split (255 excluded; -1 if none), what a lineage's class count must exceed; labels:
+    ``"masks"`` or ``"classes"`` (``npz.label_form``)."""
     x, y = arrays["x_train"], arrays["y_train"]
     present = np.unique(y)
+    both = np.union1d(present, np.unique(arrays["y_test"]))
     return {
         "n_train": len(x),
         "n_test": len(arrays["x_test"]),
         "height": int(x.shape[1]),
         "width": int(x.shape[2]),
         "classes": [int(c) for c in present if c != IGNORE],
+        "max_label": max((int(c) for c in both if c != IGNORE), default=-1),
         "labels": npz.label_form(arrays),
     }
