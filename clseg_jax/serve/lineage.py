@@ -81,7 +81,7 @@ SEG_MODELS = (
 # Classification models: ResNets (``model_widths`` are their four stages' widths); images under
 # SMALL_INPUT pixels a side get the CIFAR-style stem (3x3 stride 1, no max pool), so that a 32x32
 # image is not pooled down to 1x1 before the last stage.
-CLS_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101")
+CLS_MODELS = tuple(name for name in models.MODELS if name in models.IMAGE_MODELS)
 SMALL_INPUT = 64
 # A lineage's task and the label form its uploads must have (``npz.LABELS``).
 LABEL_FORMS = {"segmentation": "masks", "classification": "classes"}
@@ -352,7 +352,7 @@ def trivial_score(arrays: dict[str, np.ndarray], num_classes: int) -> float:
     (normally the background) gets. Labels >= ``num_classes`` (255: ignore) are left out, as
     evaluation leaves them out."""
     y_train = np.asarray(arrays["y_train"])
-    task = tasks.SEGMENTATION if y_train.ndim == 3 else tasks.CLASSIFICATION
+    task = tasks.for_stream("domain", y_train.shape[1:])
     train = np.bincount(y_train.ravel(), minlength=num_classes)
     test = np.bincount(np.asarray(arrays["y_test"]).ravel(), minlength=num_classes)
     conf = np.zeros((num_classes, num_classes), np.int64)
